@@ -1,0 +1,3 @@
+from dynupdate.cli import main
+
+main()

@@ -1,0 +1,168 @@
+"""The SQLite database: opening it, its migrations, and short write transactions.
+
+One file in the home, shared by the CLI and the poll server (possibly several
+worker processes). WAL lets readers run beside a writer; every write that
+reads first takes the write lock up front (``BEGIN IMMEDIATE``) because a
+deferred transaction that upgrades to a writer fails at once with
+"database is locked" under WAL, whatever the busy timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import sqlite_utils
+from sqlite_utils import Migrations
+
+from dynupdate.core.errors import StorageError
+
+__all__ = ["DB_NAME", "connect", "migrations", "open_db", "write"]
+
+DB_NAME = "dynupdate.db"
+BUSY_TIMEOUT_MS = 15_000
+
+migrations = Migrations("dynupdate")
+
+
+@migrations(name="0001_packages_policies_window")
+def _m0001(db: sqlite_utils.Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE packages (
+            id INTEGER PRIMARY KEY,
+            type TEXT NOT NULL,
+            type_key TEXT NOT NULL,
+            version TEXT NOT NULL,
+            name TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            description TEXT,
+            uploaded TEXT NOT NULL,
+            UNIQUE (type_key, version)
+        );
+        CREATE INDEX packages_sha256 ON packages (sha256);
+        CREATE TABLE policies (
+            type_key TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            version_to_use TEXT,
+            allow_newer INTEGER NOT NULL DEFAULT 0,
+            updated TEXT NOT NULL
+        );
+        CREATE TABLE maintenance_window (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            days TEXT NOT NULL,
+            start TEXT NOT NULL,
+            duration_minutes INTEGER NOT NULL,
+            tz TEXT NOT NULL,
+            updated TEXT NOT NULL
+        );
+        -- generation counts changes to what the update decision reads, so the
+        -- server can cache that state and notice a CLI change on the next poll.
+        CREATE TABLE config_generation (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            generation INTEGER NOT NULL
+        );
+        INSERT INTO config_generation (id, generation) VALUES (1, 0);
+        """
+    )
+    for table in ("packages", "policies", "maintenance_window"):
+        for event in ("INSERT", "UPDATE", "DELETE"):
+            db.execute(
+                f"CREATE TRIGGER {table}_{event.lower()}_generation AFTER {event} ON {table} "
+                "BEGIN UPDATE config_generation SET generation = generation + 1; END"
+            )
+
+
+@migrations(name="0002_endpoints_history")
+def _m0002(db: sqlite_utils.Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE endpoints (
+            serial TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            type_key TEXT NOT NULL,
+            version TEXT NOT NULL,
+            model TEXT,
+            mac TEXT,
+            tz TEXT,
+            in_call INTEGER NOT NULL DEFAULT 0,
+            address TEXT,
+            parent_serial TEXT,
+            first_seen TEXT NOT NULL,
+            last_poll TEXT,
+            last_report TEXT,
+            report_state TEXT,
+            report_version TEXT,
+            report_detail TEXT,
+            offered_version TEXT,
+            offered_at TEXT
+        );
+        -- Covers the overview: status counts per type come from this index alone.
+        CREATE INDEX endpoints_status
+            ON endpoints (type_key, version, report_state, report_version);
+        CREATE INDEX endpoints_parent ON endpoints (parent_serial);
+        CREATE TABLE endpoint_history (
+            id INTEGER PRIMARY KEY,
+            serial TEXT NOT NULL,
+            at TEXT NOT NULL,
+            event TEXT NOT NULL,
+            version TEXT,
+            detail TEXT
+        );
+        CREATE INDEX endpoint_history_serial ON endpoint_history (serial, id);
+        """
+    )
+
+
+def connect(path: Path | str) -> sqlite_utils.Database:
+    """Open the database file with the pragmas every connection needs."""
+    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    db = sqlite_utils.Database(conn, execute_plugins=False)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    # NORMAL is durable against a process crash in WAL mode; FULL adds power-loss
+    # durability for the few writes (package rows, reports) that must survive it.
+    conn.execute("PRAGMA synchronous = FULL")
+    return db
+
+
+def open_db(home: Path) -> sqlite_utils.Database:
+    """Open (creating and migrating if needed) the database in ``home``."""
+    path = home / DB_NAME
+    try:
+        fresh = not path.exists()
+        if fresh:
+            # Created private: the database says what runs on every device.
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        db = connect(path)
+        if db.conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            db.conn.execute("PRAGMA journal_mode = WAL")
+        if migrations.pending(db):
+            # Under the write lock, so two first starts cannot both migrate;
+            # each migration then runs in a savepoint of this transaction.
+            with write(db):
+                migrations.apply(db)
+    except sqlite3.DatabaseError as e:
+        raise StorageError(f"Cannot open the database {path}: {e}.") from e
+    return db
+
+
+@contextlib.contextmanager
+def write(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """A short write transaction that holds the write lock from its first statement."""
+    try:
+        db.conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as e:
+        raise StorageError(f"The database is busy ({e}); try again.") from e
+    try:
+        yield db
+    except BaseException:
+        if db.conn.in_transaction:
+            db.conn.execute("ROLLBACK")
+        raise
+    else:
+        db.conn.execute("COMMIT")

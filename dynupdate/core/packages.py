@@ -1,0 +1,190 @@
+"""Packages: one software image for one device type at one version."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+from dynupdate.core.db import write
+from dynupdate.core.devices import type_key, validate_type
+from dynupdate.core.errors import Conflict, InvalidInput, NotFound
+from dynupdate.core.store import PackageStore
+from dynupdate.core.times import format_utc, utc_now
+from dynupdate.core.versions import same_version, validate_version, version_key
+
+__all__ = [
+    "Package",
+    "add_package",
+    "find_package",
+    "get_package",
+    "list_packages",
+    "remove_package",
+]
+
+MAX_DESCRIPTION = 1000
+
+
+@dataclass(frozen=True)
+class Package:
+    type: str
+    version: str
+    name: str
+    size: int
+    sha256: str
+    description: str | None
+    uploaded: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_row(cls, row: dict | sqlite3.Row) -> Package:
+        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+
+
+_COLUMNS = "type, version, name, size, sha256, description, uploaded"
+
+
+def _rows(db: sqlite_utils.Database, where: str = "", params: tuple = ()) -> list[Package]:
+    cursor = db.execute(f"SELECT {_COLUMNS} FROM packages {where}", params)
+    names = [d[0] for d in cursor.description]
+    return [Package.from_row(dict(zip(names, row, strict=True))) for row in cursor]
+
+
+def _sorted(packages: list[Package]) -> list[Package]:
+    return sorted(packages, key=lambda p: (type_key(p.type), version_key(p.version)))
+
+
+def list_packages(db: sqlite_utils.Database, type_: str | None = None) -> list[Package]:
+    """All packages (of one type), by type then version order."""
+    if type_ is None:
+        return _sorted(_rows(db))
+    return _sorted(_rows(db, "WHERE type_key = ?", (type_key(type_),)))
+
+
+def find_package(db: sqlite_utils.Database, type_: str, version: str) -> Package | None:
+    """The package of this type at this version (any spelling: 6.2 finds 6.2.0), or None."""
+    for package in _rows(db, "WHERE type_key = ?", (type_key(type_),)):
+        if same_version(package.version, version):
+            return package
+    return None
+
+
+def get_package(db: sqlite_utils.Database, type_: str, version: str) -> Package:
+    package = find_package(db, type_, version)
+    if package is None:
+        raise NotFound(f"No package {type_} {version}. See: dynupdate package list --type {type_}")
+    return package
+
+
+def _type_spelling(db: sqlite_utils.Database, type_: str) -> str:
+    """The spelling a type was first given, so ``trio`` joins ``Trio``."""
+    for table in ("packages", "policies"):
+        row = db.execute(
+            f"SELECT type FROM {table} WHERE type_key = ? LIMIT 1", (type_key(type_),)
+        ).fetchone()
+        if row:
+            return row[0]
+    return type_
+
+
+def add_package(
+    db: sqlite_utils.Database,
+    store: PackageStore,
+    source: Path,
+    type_: str,
+    version: str,
+    description: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[Package, bool]:
+    """Import ``source`` as the package of ``type_`` at ``version``.
+
+    Returns the package and whether it was new. The identical file again is a
+    no-op; a different file for an existing type and version is refused.
+    """
+    validate_type(type_)
+    validate_version(version)
+    if description is not None and (
+        len(description) > MAX_DESCRIPTION or any(ord(c) < 32 for c in description)
+    ):
+        raise InvalidInput(f"Invalid description: at most {MAX_DESCRIPTION} characters, one line.")
+    existing = find_package(db, type_, version)
+    if existing is not None and source.is_file() and source.stat().st_size != existing.size:
+        raise _different(existing)
+    with store.stage(source, progress) as staged:
+        with write(db):
+            existing = find_package(db, type_, version)
+            if existing is not None:
+                if existing.sha256 != staged.sha256:
+                    _forget_if_unused(db, store, staged.sha256)
+                    raise _different(existing)
+                store.relink(staged)
+                return existing, False
+            store.relink(staged)
+            package = Package(
+                type=_type_spelling(db, type_),
+                version=version,
+                name=source.name,
+                size=staged.size,
+                sha256=staged.sha256,
+                description=description,
+                uploaded=format_utc(utc_now()),
+            )
+            db.execute(
+                "INSERT INTO packages (type, type_key, version, name, size, sha256, description,"
+                " uploaded) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    package.type,
+                    type_key(package.type),
+                    package.version,
+                    package.name,
+                    package.size,
+                    package.sha256,
+                    package.description,
+                    package.uploaded,
+                ),
+            )
+        return package, True
+
+
+def _different(existing: Package) -> Conflict:
+    return Conflict(
+        f"Package {existing.type} {existing.version} already exists with another file "
+        f"(sha256 {existing.sha256[:12]}…); remove it first or use another version."
+    )
+
+
+def _forget_if_unused(db: sqlite_utils.Database, store: PackageStore, sha256: str) -> None:
+    """Delete a stored file no row references; call inside a write transaction."""
+    used = db.execute("SELECT 1 FROM packages WHERE sha256 = ? LIMIT 1", (sha256,)).fetchone()
+    if not used:
+        store.delete(sha256)
+
+
+def remove_package(
+    db: sqlite_utils.Database, store: PackageStore, type_: str, version: str
+) -> Package:
+    """Remove a package; refused while a policy needs it (its version to use or target)."""
+    from dynupdate.core.policies import policy_needing
+
+    with write(db):
+        package = get_package(db, type_, version)
+        policy = policy_needing(db, package)
+        if policy is not None:
+            raise Conflict(
+                f"Package {package.type} {package.version} is needed by the {policy.type} policy "
+                f"(version to use {policy.version_to_use}, target {policy.target_version}); "
+                f"change it first: dynupdate policy set {policy.type} --version …"
+            )
+        db.execute(
+            "DELETE FROM packages WHERE type_key = ? AND version = ?",
+            (type_key(package.type), package.version),
+        )
+        # Inside the transaction: an import of the same bytes cannot commit its
+        # row between this check and the unlink.
+        _forget_if_unused(db, store, package.sha256)
+    return package

@@ -1,0 +1,159 @@
+"""The content-addressed package store: ``packages/ab/<sha256>``.
+
+A file becomes visible only complete: it is written to a temp file inside
+the store, hashed while copying, fsynced, then hard-linked to its final
+name. The temp file is kept (and locked) until the database row is
+committed, so a concurrent removal of the same content can always be
+repaired before the row lands. Temp files left by a killed import are
+unlocked, and :meth:`PackageStore.clean_temp` removes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from dynupdate.core.errors import InvalidInput, NotFound, StorageError
+
+__all__ = ["CHUNK_SIZE", "PackageStore", "StagedFile", "is_sha256"]
+
+CHUNK_SIZE = 1 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256(text: str) -> bool:
+    """True for exactly 64 lowercase hex digits (the only names the store has)."""
+    return _SHA256.fullmatch(text) is not None
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A complete, fsynced copy of an import, linked under its final name."""
+
+    sha256: str
+    size: int
+    temp: Path
+
+
+class PackageStore:
+    """Package files by SHA-256 under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.temp_dir = root / ".tmp"
+
+    def path_for(self, sha256: str) -> Path:
+        """Where the file with this hash lives (it may not exist)."""
+        if not is_sha256(sha256):
+            raise InvalidInput(
+                f"Invalid SHA-256 '{sha256[:80]}': expected 64 lowercase hex digits."
+            )
+        return self.root / sha256[:2] / sha256
+
+    def ensure(self) -> None:
+        self.temp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    @contextlib.contextmanager
+    def stage(
+        self, source: Path, progress: Callable[[int], None] | None = None
+    ) -> Iterator[StagedFile]:
+        """Copy ``source`` into the store; the temp copy lives until the block ends."""
+        self.ensure()
+        temp = self.temp_dir / f"{uuid.uuid4().hex}.part"
+        try:
+            src = open(source, "rb")  # noqa: SIM115 - closed below, after the copy
+        except FileNotFoundError:
+            raise NotFound(f"No file '{source}'.") from None
+        except IsADirectoryError:
+            raise InvalidInput(f"'{source}' is a directory, not a package file.") from None
+        except PermissionError:
+            raise InvalidInput(f"Cannot read '{source}': permission denied.") from None
+        fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            # Locked while the import is alive: clean_temp leaves it alone.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with src:
+                sha256, size = _copy_hashing(src, fd, progress)
+            os.fsync(fd)
+            final = self.path_for(sha256)
+            final.parent.mkdir(exist_ok=True, mode=0o755)
+            self.link(temp, final)
+            _fsync_dir(final.parent)
+            yield StagedFile(sha256, size, temp)
+        except OSError as e:
+            raise StorageError(f"Cannot store '{source}': {e.strerror or e}.") from e
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+
+    @staticmethod
+    def link(temp: Path, final: Path) -> None:
+        """Give ``final`` the content of ``temp`` unless it already has it."""
+        with contextlib.suppress(FileExistsError):
+            os.link(temp, final)
+
+    def relink(self, staged: StagedFile) -> None:
+        """Put the file back under its name if a concurrent removal deleted it."""
+        final = self.path_for(staged.sha256)
+        if not final.exists():
+            final.parent.mkdir(exist_ok=True, mode=0o755)
+            self.link(staged.temp, final)
+
+    def delete(self, sha256: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path_for(sha256).unlink()
+
+    def clean_temp(self) -> int:
+        """Remove temp files no live import holds; returns how many."""
+        removed = 0
+        if not self.temp_dir.is_dir():
+            return 0
+        for temp in self.temp_dir.iterdir():
+            try:
+                fd = os.open(temp, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # an import in progress
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    temp.unlink()
+                    removed += 1
+            finally:
+                os.close(fd)
+        return removed
+
+
+def _copy_hashing(src, fd: int, progress: Callable[[int], None] | None) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    buffer = bytearray(CHUNK_SIZE)
+    view = memoryview(buffer)
+    size = 0
+    while n := src.readinto(buffer):
+        chunk = view[:n]
+        digest.update(chunk)
+        while chunk:
+            written = os.write(fd, chunk)
+            chunk = chunk[written:]
+        size += n
+        if progress is not None:
+            progress(n)
+    return digest.hexdigest(), size
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
