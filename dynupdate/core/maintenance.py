@@ -1,0 +1,50 @@
+"""The stored maintenance window (one for the whole fleet, or none)."""
+
+from __future__ import annotations
+
+import json
+
+import sqlite_utils
+
+from dynupdate.core.db import write
+from dynupdate.core.times import format_utc, utc_now
+from dynupdate.core.windows import Window
+
+__all__ = ["clear_window", "load_window", "save_window"]
+
+
+def load_window(db: sqlite_utils.Database) -> Window | None:
+    row = db.execute(
+        "SELECT days, start, duration_minutes, tz FROM maintenance_window WHERE id = 1"
+    ).fetchone()
+    if row is None:
+        return None
+    days, start, minutes, tz = row
+    return Window.from_dict(
+        {"days": json.loads(days), "start": start, "duration_minutes": minutes, "tz": tz}
+    )
+
+
+def save_window(db: sqlite_utils.Database, window: Window) -> Window:
+    data = window.to_dict()
+    with write(db):
+        db.execute(
+            "INSERT INTO maintenance_window (id, days, start, duration_minutes, tz, updated)"
+            " VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET days = excluded.days,"
+            " start = excluded.start, duration_minutes = excluded.duration_minutes,"
+            " tz = excluded.tz, updated = excluded.updated",
+            (
+                json.dumps(data["days"]),
+                data["start"],
+                data["duration_minutes"],
+                data["tz"],
+                format_utc(utc_now()),
+            ),
+        )
+    return window
+
+
+def clear_window(db: sqlite_utils.Database) -> bool:
+    """Remove the window; returns whether there was one."""
+    with write(db):
+        return db.execute("DELETE FROM maintenance_window WHERE id = 1").rowcount > 0

@@ -1,0 +1,148 @@
+"""Dynamic software update policies: one per device type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlite_utils
+
+from dynupdate.core.db import write
+from dynupdate.core.decision import Policy, target_package
+from dynupdate.core.devices import type_key, validate_type
+from dynupdate.core.errors import InvalidInput, NotFound
+from dynupdate.core.packages import Package, find_package, list_packages
+from dynupdate.core.times import format_utc, utc_now
+
+__all__ = [
+    "PolicyView",
+    "disable_policy",
+    "get_policy",
+    "list_policies",
+    "load_policies",
+    "policy_needing",
+    "set_policy",
+]
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    """A policy as admins see it, with what it currently means."""
+
+    type: str
+    version_to_use: str | None
+    allow_newer: bool
+    target_version: str | None
+    packages: int
+
+    @property
+    def active(self) -> bool:
+        return self.version_to_use is not None
+
+    def to_dict(self) -> dict:
+        return {
+            "type": self.type,
+            "version_to_use": self.version_to_use,
+            "allow_newer": self.allow_newer,
+            "active": self.active,
+            "target_version": self.target_version,
+            "packages": self.packages,
+        }
+
+
+def load_policies(db: sqlite_utils.Database) -> dict[str, Policy]:
+    """Every stored policy by type key."""
+    return {
+        key: Policy(type=type_, version_to_use=vtu, allow_newer=bool(allow))
+        for key, type_, vtu, allow in db.execute(
+            "SELECT type_key, type, version_to_use, allow_newer FROM policies"
+        )
+    }
+
+
+def _views(db: sqlite_utils.Database) -> dict[str, PolicyView]:
+    policies = load_policies(db)
+    by_type: dict[str, list[Package]] = {}
+    for package in list_packages(db):
+        by_type.setdefault(type_key(package.type), []).append(package)
+    views = {}
+    for key in sorted(set(policies) | set(by_type)):
+        packages = by_type.get(key, [])
+        policy = policies.get(key)
+        target = target_package(policy, packages)
+        views[key] = PolicyView(
+            type=policy.type if policy else packages[0].type,
+            version_to_use=policy.version_to_use if policy else None,
+            allow_newer=policy.allow_newer if policy else False,
+            target_version=target.version if target else None,
+            packages=len(packages),
+        )
+    return views
+
+
+def list_policies(db: sqlite_utils.Database) -> list[PolicyView]:
+    """One row per known device type (with packages or a policy)."""
+    return list(_views(db).values())
+
+
+def get_policy(db: sqlite_utils.Database, type_: str) -> PolicyView:
+    view = _views(db).get(type_key(type_))
+    if view is None:
+        raise NotFound(f"No device type {type_}: it has no packages. See: dynupdate package list")
+    return view
+
+
+def set_policy(
+    db: sqlite_utils.Database, type_: str, version: str, allow_newer: bool | None = None
+) -> PolicyView:
+    """Set the version to use (an uploaded package of the type) and, if given, allow-newer.
+
+    ``allow_newer=None`` keeps the current flag (off for a new policy).
+    """
+    validate_type(type_)
+    with write(db):
+        package = find_package(db, type_, version)
+        if package is None:
+            available = [p.version for p in list_packages(db, type_)]
+            listed = ", ".join(available) if available else "none uploaded"
+            raise InvalidInput(
+                f"No package {type_} {version} to use; available versions: {listed}."
+            )
+        current = load_policies(db).get(type_key(type_))
+        if allow_newer is None:
+            allow_newer = current.allow_newer if current else False
+        db.execute(
+            "INSERT INTO policies (type_key, type, version_to_use, allow_newer, updated)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (type_key) DO UPDATE SET"
+            " version_to_use = excluded.version_to_use, allow_newer = excluded.allow_newer,"
+            " updated = excluded.updated",
+            (
+                type_key(type_),
+                package.type,
+                package.version,
+                int(allow_newer),
+                format_utc(utc_now()),
+            ),
+        )
+    return get_policy(db, type_)
+
+
+def disable_policy(db: sqlite_utils.Database, type_: str) -> PolicyView:
+    """Unset the version to use: the update is not activated (allow-newer is kept)."""
+    with write(db):
+        view = get_policy(db, type_)
+        db.execute(
+            "UPDATE policies SET version_to_use = NULL, updated = ? WHERE type_key = ?"
+            " AND version_to_use IS NOT NULL",
+            (format_utc(utc_now()), type_key(type_)),
+        )
+    return PolicyView(view.type, None, view.allow_newer, None, view.packages)
+
+
+def policy_needing(db: sqlite_utils.Database, package: Package) -> PolicyView | None:
+    """The active policy whose version to use or target is ``package``, if any."""
+    view = _views(db).get(type_key(package.type))
+    if view is None or not view.active:
+        return None
+    if package.version in (view.version_to_use, view.target_version):
+        return view
+    return None
