@@ -1,0 +1,95 @@
+"""The root command, its global options, and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+from typer.core import TyperGroup
+
+from dynupdate.cli._output import stderr
+from dynupdate.core.errors import DynupdateError
+from dynupdate.core.home import Home, open_home
+
+__all__ = ["State", "app", "home_of", "state_of"]
+
+
+class DynupdateGroup(TyperGroup):
+    """Maps every expected failure to one line on stderr and exit 1."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except (DynupdateError, OSError, sqlite3.Error) as e:
+            if os.environ.get("DYNUPDATE_DEBUG") == "1":
+                raise
+            stderr.print(f"Error: {_one_line(e)}", markup=False, highlight=False)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            stderr.print("Interrupted.", markup=False, highlight=False)
+            raise typer.Exit(130) from None
+        finally:
+            state = ctx.obj
+            if isinstance(state, State) and state.home is not None:
+                state.home.close()
+
+
+def _one_line(error: Exception) -> str:
+    if isinstance(error, DynupdateError):
+        text = str(error)
+    elif isinstance(error, OSError):
+        where = f" '{error.filename}'" if error.filename else ""
+        text = f"{error.strerror or error}{where}."
+    elif "locked" in str(error) or "busy" in str(error):
+        text = f"The database is busy ({error}); try again."
+    else:
+        text = f"Database error: {error}."
+    return " ".join(text.split())
+
+
+@dataclass
+class State:
+    home_path: Path | None
+    quiet: bool
+    home: Home | None = None
+
+
+app = typer.Typer(
+    cls=DynupdateGroup,
+    help="Roll out software updates to a fleet of video-conferencing endpoints.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    add_completion=False,
+)
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    home: Path | None = typer.Option(
+        None,
+        "--home",
+        envvar="DYNUPDATE_HOME",
+        file_okay=False,
+        help="Folder with the database, package store and TLS material.",
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No confirmation messages."),
+) -> None:
+    """Roll out software updates to a fleet of video-conferencing endpoints."""
+    ctx.obj = State(home_path=home, quiet=quiet)
+
+
+def state_of(ctx: typer.Context) -> State:
+    return ctx.find_root().obj
+
+
+def home_of(ctx: typer.Context) -> Home:
+    """The opened home (created on first use), shared by the command's calls."""
+    state = state_of(ctx)
+    if state.home is None:
+        state.home = open_home(state.home_path)
+    return state.home

@@ -1,0 +1,79 @@
+"""dynupdate endpoint …: the fleet as the server saw it."""
+
+from __future__ import annotations
+
+import typer
+
+from dynupdate.cli._app import home_of
+from dynupdate.cli._output import emit_list, emit_object, stdout
+from dynupdate.core.durations import parse_duration
+from dynupdate.core.endpoints import get_endpoint, list_endpoints
+from dynupdate.core.fleet import load_fleet_state
+from dynupdate.core.times import utc_now
+
+app = typer.Typer(help="Endpoints and peripherals: version, target, update status, history.")
+
+COLUMNS = [
+    ("serial", "Serial"),
+    ("type", "Type"),
+    ("version", "Version"),
+    ("target_version", "Target"),
+    ("status", "Status"),
+    ("last_poll", "Last poll"),
+    ("in_call", "In call"),
+    ("parent_serial", "Parent"),
+]
+JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    type_: str | None = typer.Option(None, "--type", "-t", help="Only this device type."),
+    status: str | None = typer.Option(
+        None,
+        "--status",
+        "-s",
+        help="no-policy, up-to-date, pending, in-progress or failed.",
+    ),
+    version: str | None = typer.Option(None, "--version", help="Only devices on this version."),
+    stale: str | None = typer.Option(
+        None, "--stale", help="Only devices that have not polled for this long, e.g. 2h, 7d."
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Endpoints with their update status. Example: dynupdate endpoint list --status failed"""
+    home = home_of(ctx)
+    rows = list_endpoints(
+        home.db,
+        load_fleet_state(home.db),
+        type_=type_,
+        status=status,
+        version=version,
+        stale=parse_duration(stale) if stale else None,
+        now=utc_now(),
+    )
+    emit_list(rows, COLUMNS, as_json=as_json, empty="No endpoints match.")
+
+
+@app.command("show")
+def show(ctx: typer.Context, serial: str = typer.Argument(...), as_json: bool = JSON) -> None:
+    """One endpoint's software update details, peripherals and recent history."""
+    home = home_of(ctx)
+    data = get_endpoint(home.db, load_fleet_state(home.db), serial)
+    emit_object(data, as_json=as_json, title=f"Endpoint {serial}")
+    if not as_json:
+        if data["peripherals"]:
+            emit_list(data["peripherals"], COLUMNS, as_json=False, title="Peripherals")
+        history = [
+            {"at": h["at"], "event": h["event"], "version": h["version"], "detail": h["detail"]}
+            for h in data["history"]
+        ]
+        emit_list(
+            history,
+            [("at", "At"), ("event", "Event"), ("version", "Version"), ("detail", "Detail")],
+            as_json=False,
+            title="History",
+            empty="No history.",
+        )
+        stdout.print()

@@ -1,0 +1,77 @@
+"""dynupdate overview: the dynamic software update view of the whole fleet."""
+
+from __future__ import annotations
+
+import time
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+
+from dynupdate.cli._app import home_of
+from dynupdate.cli._output import emit_list, stdout
+from dynupdate.core.durations import parse_duration
+from dynupdate.core.endpoints import overview as fleet_overview
+from dynupdate.core.fleet import STATUSES, load_fleet_state
+from dynupdate.core.times import format_utc, utc_now
+
+
+def _table(rows: list[dict]) -> Group:
+    table = Table(
+        title=f"Dynamic software update — {format_utc(utc_now())}",
+        title_justify="left",
+        header_style="bold",
+    )
+    for header in ("Type", "Policy", "Target", "Endpoints", *STATUSES, "On target", "Versions"):
+        table.add_column(header, overflow="fold")
+    for row in rows:
+        if row["active"]:
+            policy = f"{row['version_to_use']} {'or newer' if row['allow_newer'] else 'exactly'}"
+        else:
+            policy = "not activated"
+        bar = ProgressBar(
+            total=max(row["endpoints"], 1), completed=row["counts"]["up-to-date"], width=20
+        )
+        spread = ", ".join(f"{v['version']} ({v['count']})" for v in row["versions"][:4])
+        if len(row["versions"]) > 4:
+            spread += f", +{len(row['versions']) - 4} more"
+        table.add_row(
+            row["type"],
+            policy,
+            row["target_version"] or "—",
+            str(row["endpoints"]),
+            *(str(row["counts"][s]) for s in STATUSES),
+            bar,
+            spread or "—",
+        )
+    return Group(table)
+
+
+def overview(
+    ctx: typer.Context,
+    watch: bool = typer.Option(False, "--watch", "-w", help="Follow the rollout live."),
+    interval: str = typer.Option("2s", "--interval", help="Refresh period with --watch."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Per device type: the policy, endpoint counts by status and the version spread."""
+    home = home_of(ctx)
+
+    def rows() -> list[dict]:
+        return fleet_overview(home.db, load_fleet_state(home.db))
+
+    if as_json or not watch:
+        data = rows()
+        if as_json:
+            emit_list(data, [], as_json=True)
+        elif not data:
+            stdout.print("No device types yet: add a package, or let endpoints poll.")
+        else:
+            stdout.print(_table(data))
+        return
+    period = parse_duration(interval).total_seconds()
+    with Live(_table(rows()), console=stdout, auto_refresh=False) as live:
+        while True:
+            time.sleep(period)
+            live.update(_table(rows()), refresh=True)

@@ -1,0 +1,115 @@
+"""dynupdate package …: upload, list, show and remove software packages."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from dynupdate.cli._app import home_of, state_of
+from dynupdate.cli._output import emit_list, emit_object, say, stderr
+from dynupdate.core.packages import add_package, get_package, list_packages, remove_package
+
+app = typer.Typer(help="Software packages: one image per device type and version.")
+
+COLUMNS = [
+    ("type", "Type"),
+    ("version", "Version"),
+    ("name", "Name"),
+    ("size", "Size"),
+    ("sha256", "SHA-256"),
+    ("uploaded", "Uploaded"),
+    ("description", "Description"),
+]
+JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+
+@app.command("add")
+def add(
+    ctx: typer.Context,
+    file: Path = typer.Argument(..., help="The package file to import."),
+    type_: str = typer.Option(..., "--type", "-t", help="Device type, e.g. GroupSeries."),
+    version: str = typer.Option(..., "--version", "-v", help="Its software version."),
+    description: str | None = typer.Option(None, "--description", "-d"),
+    as_json: bool = JSON,
+) -> None:
+    """Import a package file (streamed and hashed); the same file again is a no-op.
+
+    Example: dynupdate package add gs-6.2.2.pup --type GroupSeries --version 6.2.2.0-100
+    """
+    home = home_of(ctx)
+    if sys.stderr.isatty():
+        total = file.stat().st_size if file.is_file() else None
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=stderr,
+            transient=True,
+        ) as bar:
+            task = bar.add_task(f"Importing {file.name}", total=total)
+            package, created = add_package(
+                home.db,
+                home.store,
+                file,
+                type_,
+                version,
+                description,
+                progress=lambda n: bar.advance(task, n),
+            )
+    else:
+        package, created = add_package(home.db, home.store, file, type_, version, description)
+    if as_json:
+        emit_object(package.to_dict(), as_json=True)
+    verb = "Added" if created else "Already present:"
+    say(
+        f"{verb} {package.type} {package.version} ({package.sha256[:12]}, {package.size} bytes).",
+        quiet=state_of(ctx).quiet,
+    )
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    type_: str | None = typer.Option(None, "--type", "-t", help="Only this device type."),
+    as_json: bool = JSON,
+) -> None:
+    """The packages view: type, version, name, size, SHA-256, upload time, description."""
+    rows = [p.to_dict() for p in list_packages(home_of(ctx).db, type_)]
+    emit_list(rows, COLUMNS, as_json=as_json, empty="No packages. Add one: dynupdate package add")
+
+
+@app.command("show")
+def show(
+    ctx: typer.Context,
+    type_: str = typer.Argument(..., metavar="TYPE"),
+    version: str = typer.Argument(...),
+    as_json: bool = JSON,
+) -> None:
+    """One package. Example: dynupdate package show GroupSeries 6.2.2.0-100"""
+    home = home_of(ctx)
+    package = get_package(home.db, type_, version)
+    data = package.to_dict() | {"path": str(home.store.path_for(package.sha256))}
+    emit_object(data, as_json=as_json)
+
+
+@app.command("remove")
+def remove(
+    ctx: typer.Context,
+    type_: str = typer.Argument(..., metavar="TYPE"),
+    version: str = typer.Argument(...),
+) -> None:
+    """Remove a package (refused while a policy needs it)."""
+    home = home_of(ctx)
+    package = remove_package(home.db, home.store, type_, version)
+    say(f"Removed {package.type} {package.version}.", quiet=state_of(ctx).quiet)

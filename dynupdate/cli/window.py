@@ -1,0 +1,86 @@
+"""dynupdate window …: when updates may happen."""
+
+from __future__ import annotations
+
+import typer
+
+from dynupdate.cli._app import home_of, state_of
+from dynupdate.cli._output import emit_object, say
+from dynupdate.core.maintenance import clear_window, load_window, save_window
+from dynupdate.core.times import format_utc, utc_now
+from dynupdate.core.windows import current_opening, make_window, next_opening
+
+app = typer.Typer(help="The maintenance window: updates are offered only inside it.")
+JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+
+def _view(window) -> dict:
+    data = {
+        "set": window is not None,
+        "days": None,
+        "start": None,
+        "duration_minutes": None,
+        "tz": None,
+        "open_now": None,
+        "current_opening": None,
+        "next_opening": None,
+    }
+    if window is None:
+        return data
+    now = utc_now()
+    data |= window.to_dict()
+    # On endpoint clocks each device has its own openings; these are those
+    # of an endpoint on UTC, the clock of one that sends no zone.
+    current = current_opening(window, now)
+    start, end = next_opening(window, now)
+    data["open_now"] = current is not None
+    data["current_opening"] = (
+        {"start": format_utc(current[0]), "end": format_utc(current[1])} if current else None
+    )
+    data["next_opening"] = {"start": format_utc(start), "end": format_utc(end)}
+    return data
+
+
+@app.command("set")
+def set_(
+    ctx: typer.Context,
+    start: str = typer.Option(..., "--start", help="Opening time HH:MM on the window's clock."),
+    duration: str = typer.Option(..., "--duration", help="Length: 90m, 4h, 1h30m (max 24h)."),
+    days: str | None = typer.Option(
+        None, "--days", help="mon,tue,… ranges like mon-fri, or daily (default: every day)."
+    ),
+    tz: str | None = typer.Option(
+        None,
+        "--tz",
+        help="IANA zone (Europe/Berlin), or 'endpoint' for each endpoint's clock. Default UTC.",
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Set the maintenance window.
+
+    Example: dynupdate window set --start 22:00 --duration 4h --days mon-fri --tz Europe/Berlin
+    """
+    window = save_window(home_of(ctx).db, make_window(days, start, duration, tz))
+    view = _view(window)
+    if as_json:
+        emit_object(view, as_json=True)
+    opening = view["next_opening"]
+    after = f"; next opening {opening['start']}" if opening else ""
+    say(
+        f"Window set: {','.join(view['days'])} {view['start']} for "
+        f"{view['duration_minutes']} min ({view['tz']}){after}.",
+        quiet=state_of(ctx).quiet,
+    )
+
+
+@app.command("show")
+def show(ctx: typer.Context, as_json: bool = JSON) -> None:
+    """The window and its next opening (UTC); 'set: no' means updates any time."""
+    emit_object(_view(load_window(home_of(ctx).db)), as_json=as_json)
+
+
+@app.command("clear")
+def clear(ctx: typer.Context) -> None:
+    """Remove the window: updates may happen at any time."""
+    had = clear_window(home_of(ctx).db)
+    say("Window cleared." if had else "No window was set.", quiet=state_of(ctx).quiet)
