@@ -1,0 +1,306 @@
+"""The endpoint registry: what each device last said, its history, and the fleet views."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import sqlite_utils
+
+from dynupdate.core.db import write
+from dynupdate.core.devices import type_key
+from dynupdate.core.errors import InvalidInput, NotFound
+from dynupdate.core.fleet import STATUSES, FleetState
+from dynupdate.core.times import format_utc
+from dynupdate.core.versions import same_version, version_key
+
+__all__ = [
+    "HISTORY_LIMIT",
+    "REPORT_STATES",
+    "Sighting",
+    "StatusReport",
+    "get_endpoint",
+    "list_endpoints",
+    "overview",
+    "record_polls",
+    "record_reports",
+]
+
+HISTORY_LIMIT = 50
+REPORT_STATES = ("downloading", "installing", "installed", "failed")
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """What one poll said about one device (an endpoint or a peripheral)."""
+
+    serial: str
+    type: str
+    version: str
+    model: str | None = None
+    mac: str | None = None
+    tz: str | None = None
+    in_call: bool = False
+    address: str | None = None
+    parent_serial: str | None = None
+    offered_version: str | None = None
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    serial: str
+    type: str
+    version: str
+    state: str
+    detail: str | None = None
+
+
+def _history(db, serial: str, at: str, event: str, version: str | None, detail=None) -> None:
+    db.execute(
+        "INSERT INTO endpoint_history (serial, at, event, version, detail) VALUES (?, ?, ?, ?, ?)",
+        (serial, at, event, version, detail),
+    )
+
+
+def _prune(db, serials: Iterable[str]) -> None:
+    """Keep the newest HISTORY_LIMIT events per device."""
+    for serial in serials:
+        db.execute(
+            "DELETE FROM endpoint_history WHERE serial = ? AND id <= (SELECT id FROM"
+            " endpoint_history WHERE serial = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (serial, serial, HISTORY_LIMIT),
+        )
+
+
+def record_polls(db: sqlite_utils.Database, sightings: Sequence[tuple[Sighting, datetime]]) -> None:
+    """Register or refresh devices from polls, in one transaction.
+
+    History gets an event only when something worth keeping changes (first
+    seen, a new version, a new offer), never one row per poll.
+    """
+    touched = set()
+    with write(db):
+        for s, when in sightings:
+            at = format_utc(when)
+            row = db.execute(
+                "SELECT version, offered_version FROM endpoints WHERE serial = ?", (s.serial,)
+            ).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO endpoints (serial, type, type_key, version, model, mac, tz,"
+                    " in_call, address, parent_serial, first_seen, last_poll, offered_version,"
+                    " offered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        s.serial,
+                        s.type,
+                        type_key(s.type),
+                        s.version,
+                        s.model,
+                        s.mac,
+                        s.tz,
+                        int(s.in_call),
+                        s.address,
+                        s.parent_serial,
+                        at,
+                        at,
+                        s.offered_version,
+                        at if s.offered_version else None,
+                    ),
+                )
+                _history(db, s.serial, at, "first-seen", s.version)
+                if s.offered_version:
+                    _history(db, s.serial, at, "offered", s.offered_version)
+                touched.add(s.serial)
+                continue
+            old_version, old_offer = row
+            offer_changed = s.offered_version is not None and s.offered_version != old_offer
+            db.execute(
+                "UPDATE endpoints SET type = ?, type_key = ?, version = ?, model = ?, mac = ?,"
+                " tz = ?, in_call = ?, address = ?, parent_serial = ?, last_poll = ?,"
+                " offered_version = coalesce(?, offered_version),"
+                " offered_at = CASE WHEN ? THEN ? ELSE offered_at END WHERE serial = ?",
+                (
+                    s.type,
+                    type_key(s.type),
+                    s.version,
+                    s.model,
+                    s.mac,
+                    s.tz,
+                    int(s.in_call),
+                    s.address,
+                    s.parent_serial,
+                    at,
+                    s.offered_version,
+                    offer_changed,
+                    at,
+                    s.serial,
+                ),
+            )
+            if old_version != s.version:
+                _history(db, s.serial, at, "version-changed", s.version, f"from {old_version}")
+                touched.add(s.serial)
+            if offer_changed:
+                _history(db, s.serial, at, "offered", s.offered_version)
+                touched.add(s.serial)
+        _prune(db, touched)
+
+
+def record_reports(
+    db: sqlite_utils.Database, reports: Sequence[tuple[StatusReport, datetime]]
+) -> None:
+    """Store status reports durably (the caller acknowledges only after this returns)."""
+    with write(db):
+        for r, when in reports:
+            at = format_utc(when)
+            detail = r.detail if r.state == "failed" else None
+            exists = db.execute("SELECT 1 FROM endpoints WHERE serial = ?", (r.serial,)).fetchone()
+            if exists is None:
+                db.execute(
+                    "INSERT INTO endpoints (serial, type, type_key, version, first_seen)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (r.serial, r.type, type_key(r.type), r.version, at),
+                )
+                _history(db, r.serial, at, "first-seen", r.version)
+            db.execute(
+                "UPDATE endpoints SET last_report = ?, report_state = ?, report_version = ?,"
+                " report_detail = ?, version = CASE WHEN ? THEN ? ELSE version END"
+                " WHERE serial = ?",
+                (at, r.state, r.version, detail, r.state == "installed", r.version, r.serial),
+            )
+            _history(db, r.serial, at, r.state, r.version, r.detail)
+        _prune(db, {r.serial for r, _ in reports})
+
+
+_ENDPOINT_COLUMNS = (
+    "serial, type, version, model, mac, tz, in_call, address, parent_serial, first_seen,"
+    " last_poll, last_report, report_state, report_version, report_detail, offered_version,"
+    " offered_at"
+)
+
+
+def _endpoint_dict(fleet: FleetState, names: Sequence[str], row: Sequence) -> dict:
+    data = dict(zip(names, row, strict=True))
+    data["in_call"] = bool(data["in_call"])
+    target = fleet.of(data["type"]).target
+    data["target_version"] = target.version if target else None
+    data["status"] = fleet.status(
+        data["type"], data["version"], data["report_state"], data["report_version"]
+    )
+    return data
+
+
+def _check_status(status: str | None) -> None:
+    if status is not None and status not in STATUSES:
+        raise InvalidInput(f"Unknown status '{status}': use one of {', '.join(STATUSES)}.")
+
+
+def list_endpoints(
+    db: sqlite_utils.Database,
+    fleet: FleetState,
+    *,
+    type_: str | None = None,
+    status: str | None = None,
+    version: str | None = None,
+    stale: timedelta | None = None,
+    now: datetime | None = None,
+) -> list[dict]:
+    """Endpoints (and peripherals), filtered; ``stale`` keeps those silent that long."""
+    _check_status(status)
+    where, params = [], []
+    if type_ is not None:
+        where.append("type_key = ?")
+        params.append(type_key(type_))
+    if stale is not None:
+        where.append("(last_poll IS NULL OR last_poll < ?)")
+        params.append(format_utc(now - stale))
+    sql = f"SELECT {_ENDPOINT_COLUMNS} FROM endpoints"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    cursor = db.execute(sql + " ORDER BY serial", params)
+    names = [d[0] for d in cursor.description]
+    rows = []
+    for row in cursor:
+        data = _endpoint_dict(fleet, names, row)
+        if status is not None and data["status"] != status:
+            continue
+        if version is not None and not same_version(data["version"], version):
+            continue
+        rows.append(data)
+    return rows
+
+
+def get_endpoint(db: sqlite_utils.Database, fleet: FleetState, serial: str) -> dict:
+    """One device's software update details, its peripherals and recent history."""
+    cursor = db.execute(f"SELECT {_ENDPOINT_COLUMNS} FROM endpoints WHERE serial = ?", (serial,))
+    names = [d[0] for d in cursor.description]
+    row = cursor.fetchone()
+    if row is None:
+        raise NotFound(f"No endpoint with serial '{serial[:64]}'. See: dynupdate endpoint list")
+    data = _endpoint_dict(fleet, names, row)
+    cursor = db.execute(
+        f"SELECT {_ENDPOINT_COLUMNS} FROM endpoints WHERE parent_serial = ? ORDER BY serial",
+        (serial,),
+    )
+    data["peripherals"] = [_endpoint_dict(fleet, names, r) for r in cursor]
+    data["history"] = [
+        {"at": at, "event": event, "version": version, "detail": detail}
+        for at, event, version, detail in db.execute(
+            "SELECT at, event, version, detail FROM endpoint_history WHERE serial = ?"
+            " ORDER BY id DESC LIMIT ?",
+            (serial, HISTORY_LIMIT),
+        )
+    ]
+    return data
+
+
+def overview(db: sqlite_utils.Database, fleet: FleetState) -> list[dict]:
+    """Per device type: the policy, counts by status and the version spread.
+
+    One pass over a covering index grouped by (type, version, last report),
+    so it stays fast with a million endpoints.
+    """
+    groups = db.execute(
+        "SELECT type_key, min(type), version, report_state, report_version, count(*)"
+        " FROM endpoints GROUP BY type_key, version, report_state, report_version"
+    ).fetchall()
+    result: dict[str, dict] = {}
+    for key, kind in fleet.types.items():
+        name = kind.policy.type if kind.policy else kind.packages[0].type
+        result[key] = _overview_row(name, fleet, kind)
+    for key, name, version, state, report_version, count in groups:
+        row = result.get(key)
+        if row is None:
+            row = result[key] = _overview_row(name, fleet, fleet.of(name))
+        status = fleet.status(name, version, state, report_version)
+        row["counts"][status] += count
+        row["endpoints"] += count
+        row["_versions"][version] += count
+    rows = []
+    for key in sorted(result):
+        row = result[key]
+        spread = row.pop("_versions")
+        row["versions"] = [
+            {"version": v, "count": n}
+            for v, n in sorted(spread.items(), key=lambda item: version_key(item[0]), reverse=True)
+        ]
+        total = row["endpoints"]
+        row["on_target_percent"] = (
+            round(100 * row["counts"]["up-to-date"] / total, 1) if total else None
+        )
+        rows.append(row)
+    return rows
+
+
+def _overview_row(name: str, fleet: FleetState, kind) -> dict:
+    return {
+        "type": name,
+        "version_to_use": kind.policy.version_to_use if kind.policy else None,
+        "allow_newer": kind.policy.allow_newer if kind.policy else False,
+        "active": bool(kind.policy and kind.policy.version_to_use),
+        "target_version": kind.target.version if kind.target else None,
+        "endpoints": 0,
+        "counts": dict.fromkeys(STATUSES, 0),
+        "_versions": Counter(),
+    }
