@@ -1,6 +1,14 @@
 from __future__ import annotations
 
+import http.client
 import json
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +68,71 @@ def make_file(tmp_path: Path):
         return path
 
     return make
+
+
+class ServerProcess:
+    """``dynupdate serve`` as a real subprocess on 127.0.0.1, port chosen by the kernel."""
+
+    def __init__(self, home: Path, *args: str) -> None:
+        self.home = home
+        command = [sys.executable, "-m", "dynupdate", "--home", str(home), "serve",
+                   "--host", "127.0.0.1", "--port", "0", "--workers", "1", *args]
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        self.port = self._wait_ready(deadline=time.monotonic() + 30)
+        self.cafile = home / "tls" / "server.crt"
+        self.context = ssl.create_default_context(cafile=str(self.cafile))
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _wait_ready(self, deadline: float) -> int:
+        while time.monotonic() < deadline:
+            line = self.process.stderr.readline()
+            if not line:
+                raise RuntimeError(f"server exited: {''.join(self.log)}")
+            self.log.append(line)
+            if match := re.search(r"Serving https://127\.0\.0\.1:(\d+)", line):
+                return int(match.group(1))
+        raise RuntimeError("server did not start in time")
+
+    def _drain(self) -> None:
+        for line in self.process.stderr:
+            self.log.append(line)
+
+    def connection(self, timeout: float = 10) -> http.client.HTTPSConnection:
+        return http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context,
+                                           timeout=timeout)
+
+    def request(self, method: str, path: str, body: bytes | str | None = None,
+                headers: dict | None = None):
+        conn = self.connection()
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(timeout=5)
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def start_server():
+    servers: list[ServerProcess] = []
+
+    def start(home: Path, *args: str) -> ServerProcess:
+        server = ServerProcess(home, *args)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -66,17 +66,22 @@ def serve(
         package_url=package_url,
         fallback_base=f"https://{shown_host}:{port}",
     )
-    quiet = state_of(ctx).quiet
-    say(
-        f"dynupdate serving https://{host}:{port} from {home.path} ({workers} workers)", quiet=quiet
-    )
-    say(f"Certificate SHA-256 fingerprint (for --pin): {tls.fingerprint(cert)}", quiet=quiet)
+    state = state_of(ctx)
+    say(f"Certificate SHA-256 fingerprint (for --pin): {tls.fingerprint(cert)}", quiet=state.quiet)
     home_path = home.path
+    # Each worker opens its own connection: none may inherit this one across fork.
+    home.close()
+    state.home = None
 
     def app_factory():
         app = PollApp(open_home(home_path), options)
         app.start()
         return app
+
+    def ready(addresses: list[tuple[str, int]]) -> None:
+        where = ", ".join(f"https://{_url_host(h)}:{p}" for h, p in addresses)
+        say(f"Serving {where} from {home_path} ({workers} workers)", quiet=state.quiet)
+        sys.stderr.flush()
 
     def log_line(line: str) -> None:
         sys.stderr.write(line + "\n")
@@ -87,9 +92,14 @@ def serve(
         port,
         context,
         workers=workers,
+        ready=ready,
         max_connections=max_connections,
         access_log=log_line if access_log else None,
     )
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _seconds(text: str) -> int:

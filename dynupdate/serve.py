@@ -1,0 +1,308 @@
+"""The HTTPS poll server: HTTP requests in, calls of core, XML out.
+
+parse (hardened lxml, :mod:`dynupdate.protocol`) → decide (a cached
+:class:`~dynupdate.core.fleet.FleetState`) → record (a writer thread that
+groups endpoint writes into short transactions) → answer. :meth:`PollApp.handle`
+takes a :class:`~dynupdate.httpd.Request` and needs no socket; the TLS and
+HTTP side is :mod:`dynupdate.httpd`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from dynupdate import protocol
+from dynupdate.core.db import connect
+from dynupdate.core.decision import DeviceState
+from dynupdate.core.endpoints import Sighting, StatusReport, record_polls, record_reports
+from dynupdate.core.fleet import FleetState, current_generation, load_fleet_state
+from dynupdate.core.home import Home
+from dynupdate.core.store import is_sha256
+from dynupdate.core.times import utc_now
+from dynupdate.httpd import Request, Response, file_response
+
+__all__ = ["EndpointWriter", "PollApp", "ServeOptions"]
+
+log = logging.getLogger("dynupdate.serve")
+
+XML = ("Content-Type", "application/xml")
+# A Host header is echoed into package URLs only when it is a plain host[:port].
+_HOST = re.compile(
+    r"(?:[A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}(?::\d{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](?::\d{1,5})?"
+)
+_ROUTES = {"/poll": ("POST",), "/report": ("POST",)}
+
+
+@dataclass
+class ServeOptions:
+    poll_interval: int = 3600
+    public_url: str | None = None  # base of package URLs (behind a proxy)
+    package_url: str | None = None  # a CDN or web server with a copy of the store
+    fallback_base: str = "https://localhost:8443"
+    flush_interval: float = 0.2  # seconds between grouped endpoint writes
+    clock: Callable[[], datetime] = field(default=utc_now)
+
+
+def _error(status: int, code: str, message: str, *extra: tuple[str, str]) -> Response:
+    return Response(status, [XML, *extra], protocol.error_document(code, message), log=code)
+
+
+class EndpointWriter:
+    """One thread, one connection: groups poll writes; reports are committed before replying.
+
+    Polls are queued and written together every ``flush_interval`` (they only
+    need to be visible within a second); a report wakes the writer at once and
+    its future resolves only after COMMIT, so an acknowledged report survives a
+    crash.
+    """
+
+    def __init__(self, db_path: Path, flush_interval: float = 0.2) -> None:
+        self.db_path = db_path
+        self.flush_interval = flush_interval
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="endpoint-writer", daemon=True)
+        self._stopping = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def polls(self, sightings: Sequence[tuple[Sighting, datetime]]) -> None:
+        self._queue.put(("poll", sightings, None))
+
+    def reports(
+        self,
+        reports: Sequence[tuple[StatusReport, datetime]],
+        done: Callable[[Exception | None], None],
+    ) -> None:
+        self._queue.put(("report", reports, done))
+
+    def stop(self) -> None:
+        """Flush what is queued and end the thread."""
+        self._queue.put(("stop", None, None))
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        db = connect(self.db_path)
+        try:
+            stop = False
+            while not stop:
+                polls: list = []
+                reports: list = []
+                waiting: list = []
+                try:
+                    first = self._queue.get(timeout=self.flush_interval)
+                except queue.Empty:
+                    continue
+                items = [first]
+                # Let polls gather for a moment unless a report is waiting.
+                if first[0] == "poll":
+                    with contextlib.suppress(queue.Empty):
+                        items.append(self._queue.get(timeout=self.flush_interval))
+                while True:
+                    try:
+                        items.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                for kind, payload, done in items:
+                    if kind == "poll":
+                        polls.extend(payload)
+                    elif kind == "report":
+                        reports.extend(payload)
+                        waiting.append(done)
+                    else:
+                        stop = True
+                self._write(db, polls, reports, waiting)
+        finally:
+            db.close()
+
+    def _write(self, db, polls, reports, waiting) -> None:
+        if polls:
+            try:
+                record_polls(db, polls)
+            except Exception:
+                log.exception("could not record %d polls", len(polls))
+        if reports:
+            error: Exception | None = None
+            try:
+                record_reports(db, reports)
+            except Exception as e:
+                log.exception("could not record %d reports", len(reports))
+                error = e
+            for done in waiting:
+                done(error)
+
+
+class PollApp:
+    """The endpoint protocol over a home's database and package store."""
+
+    def __init__(self, home: Home, options: ServeOptions | None = None) -> None:
+        self.home = home
+        self.options = options or ServeOptions()
+        self._fleet: FleetState | None = None
+        self._db = home.db
+        self.writer = EndpointWriter(home.path / "dynupdate.db", self.options.flush_interval)
+
+    def start(self) -> None:
+        self.writer.start()
+
+    def close(self) -> None:
+        self.writer.stop()
+        self.home.close()
+
+    async def aclose(self) -> None:
+        """Flush queued endpoint writes once the server has drained (called by httpd)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    async def __call__(self, request: Request) -> Response:
+        return await self.handle(request)
+
+    def fleet(self) -> FleetState:
+        """The cached state, reloaded when a CLI (or anyone) changed it."""
+        generation = current_generation(self._db)
+        if self._fleet is None or self._fleet.generation != generation:
+            self._fleet = load_fleet_state(self._db)
+        return self._fleet
+
+    async def handle(self, request: Request) -> Response:
+        if request.path.startswith("/packages/"):
+            return self._package(request)
+        allowed = _ROUTES.get(request.path)
+        if allowed is None:
+            return _error(404, "not-found", f"No such path {request.path[:64]!r}.")
+        if request.method not in allowed:
+            return _error(
+                405,
+                "method-not-allowed",
+                f"Use {', '.join(allowed)} on {request.path}.",
+                ("Allow", ", ".join(allowed)),
+            )
+        try:
+            if request.path == "/poll":
+                return self._poll(request)
+            return await self._report(request)
+        except protocol.ProtocolError as e:
+            return _error(400, e.code, e.message)
+
+    def _package_base(self, request: Request) -> str:
+        if self.options.public_url:
+            return self.options.public_url.rstrip("/") + "/packages/"
+        host = request.headers.get("host", "")
+        if _HOST.fullmatch(host):
+            return f"https://{host}/packages/"
+        return self.options.fallback_base.rstrip("/") + "/packages/"
+
+    def _package_url(self, request: Request, sha256: str) -> str:
+        if self.options.package_url:
+            return f"{self.options.package_url.rstrip('/')}/{sha256[:2]}/{sha256}"
+        return self._package_base(request) + sha256
+
+    def _poll(self, request: Request) -> Response:
+        poll = protocol.parse_poll(request.body)
+        now = self.options.clock()
+        fleet = self.fleet()
+        endpoint = poll.endpoint
+        answers = []
+        sightings = []
+        for device in (endpoint, *poll.peripherals):
+            state = DeviceState(
+                device.serial, device.type, device.version, endpoint.in_call, endpoint.tz
+            )
+            decision = fleet.decide(state, now)
+            if decision.package is not None:
+                package = decision.package
+                answers.append(
+                    protocol.Offer(
+                        device.serial,
+                        device.type,
+                        package.version,
+                        package.size,
+                        package.sha256,
+                        package.name,
+                        self._package_url(request, package.sha256),
+                    )
+                )
+            else:
+                answers.append(
+                    protocol.NoOffer(device.serial, device.type, decision.reason, decision.retry_at)
+                )
+            is_endpoint = device is endpoint
+            sightings.append(
+                (
+                    Sighting(
+                        serial=device.serial,
+                        type=device.type,
+                        version=device.version,
+                        model=endpoint.model if is_endpoint else None,
+                        mac=endpoint.mac if is_endpoint else None,
+                        tz=endpoint.tz,
+                        in_call=endpoint.in_call,
+                        address=request.client[0],
+                        parent_serial=None if is_endpoint else endpoint.serial,
+                        offered_version=decision.package.version if decision.package else None,
+                    ),
+                    now,
+                )
+            )
+        self.writer.polls(sightings)
+        body = protocol.poll_response(answers, self.options.poll_interval, now)
+        outcome = "update" if isinstance(answers[0], protocol.Offer) else answers[0].reason
+        return Response(200, [XML], body, log=f"{endpoint.serial} poll {outcome}")
+
+    async def _report(self, request: Request) -> Response:
+        report = protocol.parse_report(request.body)
+        now = self.options.clock()
+        items = [
+            (StatusReport(d.serial, d.type, d.version, d.state, d.detail), now)
+            for d in report.devices
+        ]
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def done(error: Exception | None) -> None:
+            loop.call_soon_threadsafe(_settle, future, error)
+
+        self.writer.reports(items, done)
+        error = await future
+        if error is not None:
+            return _error(
+                503,
+                "unavailable",
+                "The report could not be stored yet; retry.",
+                ("Retry-After", "5"),
+            )
+        first = report.devices[0]
+        return Response(
+            200, [XML], protocol.report_response(), log=f"{first.serial} report {first.state}"
+        )
+
+    def _package(self, request: Request) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return _error(
+                405, "method-not-allowed", "Use GET or HEAD on packages.", ("Allow", "GET, HEAD")
+            )
+        name = request.path[len("/packages/") :]
+        if not is_sha256(name) or not self._known(name):
+            return _error(404, "not-found", "No such package.")
+        path = self.home.store.path_for(name)
+        if not path.is_file():
+            return _error(404, "not-found", "No such package.")
+        return file_response(request, path, name)
+
+    def _known(self, sha256: str) -> bool:
+        return any(
+            p.sha256 == sha256 for kind in self.fleet().types.values() for p in kind.packages
+        )
+
+
+def _settle(future: asyncio.Future, error: Exception | None) -> None:
+    if not future.done():
+        future.set_result(error)
