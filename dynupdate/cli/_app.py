@@ -31,6 +31,19 @@ class DynupdateGroup(TyperGroup):
         except KeyboardInterrupt:
             stderr.print("Interrupted.", markup=False, highlight=False)
             raise typer.Exit(130) from None
+        except (typer.TyperException, typer.Exit, typer.Abort):
+            raise  # usage errors (exit 2) and deliberate exits
+        except Exception as e:
+            # A bug, not bad input; still no traceback for the admin.
+            if os.environ.get("DYNUPDATE_DEBUG") == "1":
+                raise
+            stderr.print(
+                f"Error: unexpected {type(e).__name__}: {_one_line(e)} "
+                "(run with DYNUPDATE_DEBUG=1 for the traceback).",
+                markup=False,
+                highlight=False,
+            )
+            raise typer.Exit(1) from None
         finally:
             state = ctx.obj
             if isinstance(state, State) and state.home is not None:
@@ -45,8 +58,10 @@ def _one_line(error: Exception) -> str:
         text = f"{error.strerror or error}{where}."
     elif "locked" in str(error) or "busy" in str(error):
         text = f"The database is busy ({error}); try again."
-    else:
+    elif isinstance(error, sqlite3.Error):
         text = f"Database error: {error}."
+    else:
+        text = str(error)
     return " ".join(text.split())
 
 

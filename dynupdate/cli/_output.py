@@ -12,8 +12,10 @@ from rich.table import Table
 
 __all__ = ["Column", "emit_list", "emit_object", "say", "stderr", "stdout"]
 
-stdout = Console(soft_wrap=True)
-stderr = Console(stderr=True, soft_wrap=True)
+# Piped output is read by people in mail and logs too: do not squeeze tables into
+# the 80 columns Rich assumes when there is no terminal.
+stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+stderr = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
 
 Column = tuple[str, str]  # (key in the data, header shown)
 
@@ -25,6 +27,8 @@ def _cell(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, list):
         return ",".join(map(str, value))
+    if isinstance(value, dict):
+        return "  ".join(f"{k} {_cell(v)}" for k, v in value.items())
     return str(value)
 
 
@@ -65,8 +69,8 @@ def emit_object(data: dict, *, as_json: bool, title: str | None = None) -> None:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for key, value in data.items():
-        if isinstance(value, (list, dict)) and value and not isinstance(value[0], str):
-            continue  # nested lists get their own tables from the command
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            continue  # nested lists of objects get their own tables from the command
         table.add_row(key.replace("_", " "), _cell(value))
     stdout.print(table)
 

@@ -7,7 +7,6 @@ import time
 import typer
 from rich.console import Group
 from rich.live import Live
-from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from dynupdate.cli._app import home_of
@@ -16,6 +15,14 @@ from dynupdate.core.durations import parse_duration
 from dynupdate.core.endpoints import overview as fleet_overview
 from dynupdate.core.fleet import STATUSES, load_fleet_state
 from dynupdate.core.times import format_utc, utc_now
+
+
+def _bar(percent: float | None, width: int = 12) -> str:
+    """A text bar: readable in mail and logs, unlike a colour-only one."""
+    if percent is None:
+        return "—"
+    full = round(width * percent / 100)
+    return f"{'█' * full}{'░' * (width - full)} {percent:.0f}%"
 
 
 def _table(rows: list[dict]) -> Group:
@@ -31,9 +38,7 @@ def _table(rows: list[dict]) -> Group:
             policy = f"{row['version_to_use']} {'or newer' if row['allow_newer'] else 'exactly'}"
         else:
             policy = "not activated"
-        bar = ProgressBar(
-            total=max(row["endpoints"], 1), completed=row["counts"]["up-to-date"], width=20
-        )
+        bar = _bar(row["on_target_percent"])
         spread = ", ".join(f"{v['version']} ({v['count']})" for v in row["versions"][:4])
         if len(row["versions"]) > 4:
             spread += f", +{len(row['versions']) - 4} more"
