@@ -67,7 +67,7 @@ def test_endpoint_list_filters(cli, fleet, args, serials):
 def test_endpoint_show(cli, fleet):
     data = cli.json("endpoint", "show", "GS3")
     assert data["status"] == "failed" and data["report_detail"] == "bad"
-    assert [h["event"] for h in data["history"]][0] == "failed"
+    assert data["history"][0]["event"] == "failed"
     assert [p["serial"] for p in cli.json("endpoint", "show", "GS1")["peripherals"]] == ["CAM1"]
     table = cli("endpoint", "show", "GS1").stdout
     assert "CAM1" in table and "History" in table
