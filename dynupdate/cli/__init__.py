@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dynupdate.cli import endpoint, overview, package, policy, serve, window
+from dynupdate.cli import backup, endpoint, integrity, overview, package, policy, serve, window
 from dynupdate.cli._app import app
 
 __all__ = ["app", "main"]
@@ -13,6 +13,9 @@ app.add_typer(window.app, name="window")
 app.add_typer(endpoint.app, name="endpoint")
 app.command("overview")(overview.overview)
 app.command("serve")(serve.serve)
+app.command("check")(integrity.check)
+app.command("backup")(backup.backup)
+app.command("restore")(backup.restore)
 
 
 def main() -> None:

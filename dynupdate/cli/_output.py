@@ -50,7 +50,8 @@ def emit_list(
         _print_json(list(rows))
         return
     if not rows:
-        stderr.print(empty, markup=False, highlight=False)
+        if empty:
+            stderr.print(empty, markup=False, highlight=False)
         return
     table = Table(title=title, title_justify="left", header_style="bold")
     for _, header in columns:

@@ -1,0 +1,151 @@
+"""``dynupdate check``: is the home whole? Database, package files, leftovers."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dynupdate.core.db import write
+from dynupdate.core.home import Home
+from dynupdate.core.store import CHUNK_SIZE, is_sha256
+
+__all__ = ["Finding", "Report", "check_home", "file_sha256"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str  # database, missing-file, wrong-size, wrong-sha256, orphan-file, stale-temp, stray
+    path: str
+    detail: str
+    repairable: bool
+    repaired: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Report:
+    findings: list[Finding] = field(default_factory=list)
+    packages_checked: int = 0
+    files_hashed: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return all(f.repaired for f in self.findings)
+
+    def to_dict(self) -> dict:
+        return {
+            "clean": self.clean,
+            "packages_checked": self.packages_checked,
+            "files_hashed": self.files_hashed,
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_SIZE):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_home(home: Home, *, repair: bool = False, hash_files: bool = True) -> Report:
+    """Check the database and the store; with ``repair``, remove what is safe to remove.
+
+    Safe to remove: store files no package row references and temp files no
+    live import holds. Never removed: a package's file, even a corrupt one
+    (the admin decides: ``package remove`` and upload again).
+    """
+    report = Report()
+    problems = [row[0] for row in home.db.execute("PRAGMA integrity_check")]
+    if problems != ["ok"]:
+        for problem in problems:
+            report.findings.append(Finding("database", str(home.path), problem, False))
+    rows = home.db.execute("SELECT type, version, sha256, size FROM packages").fetchall()
+    referenced = {sha for _, _, sha, _ in rows}
+    report.packages_checked = len(rows)
+    checked: set[str] = set()
+    for type_, version, sha, size in rows:
+        path = home.store.path_for(sha)
+        label = f"{type_} {version}"
+        if not path.is_file():
+            report.findings.append(Finding("missing-file", str(path), f"{label}: no file", False))
+            continue
+        if sha in checked:
+            continue
+        checked.add(sha)
+        actual = path.stat().st_size
+        if actual != size:
+            report.findings.append(
+                Finding("wrong-size", str(path), f"{label}: {actual} bytes, expected {size}", False)
+            )
+        elif hash_files:
+            report.files_hashed += 1
+            if file_sha256(path) != sha:
+                report.findings.append(
+                    Finding("wrong-sha256", str(path), f"{label}: content changed", False)
+                )
+    stale = [temp for temp in _temp_files(home) if not _locked(temp)]
+    if repair:
+        home.store.clean_temp()
+    for temp in stale:
+        report.findings.append(
+            Finding(
+                "stale-temp", str(temp), "left by a killed import", True, repaired=not temp.exists()
+            )
+        )
+    for folder in sorted(p for p in home.store.root.iterdir() if p.is_dir()):
+        if folder == home.store.temp_dir:
+            continue
+        for path in sorted(folder.iterdir()):
+            name = path.name
+            if is_sha256(name) and folder.name == name[:2]:
+                if name in referenced:
+                    continue
+                kind, detail = "orphan-file", "no package references it"
+            else:
+                kind, detail = "stray", "not a store file"
+            done = False
+            if repair and kind == "orphan-file":
+                done = _remove_orphan(home, path, name)
+            report.findings.append(Finding(kind, str(path), detail, kind == "orphan-file", done))
+    return report
+
+
+def _temp_files(home: Home) -> list[Path]:
+    if not home.store.temp_dir.is_dir():
+        return []
+    return sorted(home.store.temp_dir.iterdir())
+
+
+def _locked(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _remove_orphan(home: Home, path: Path, sha256: str) -> bool:
+    """Delete under the write lock, so an import committing these bytes cannot race it."""
+    with write(home.db):
+        used = home.db.execute(
+            "SELECT 1 FROM packages WHERE sha256 = ? LIMIT 1", (sha256,)
+        ).fetchone()
+        if used:
+            return False
+        path.unlink(missing_ok=True)
+    return True
