@@ -51,8 +51,14 @@ def add(server, tmp_path, type_, version, content=None) -> str:
 
 
 def poll(server, serial, type_, version, *, in_call="false", extra="", peripherals=""):
-    body = POLL.format(serial=serial, type=type_, version=version, in_call=in_call, extra=extra,
-                       peripherals=peripherals)
+    body = POLL.format(
+        serial=serial,
+        type=type_,
+        version=version,
+        in_call=in_call,
+        extra=extra,
+        peripherals=peripherals,
+    )
     status, headers, data = server.request("POST", "/poll", body)
     assert headers["Content-Type"] == "application/xml"
     assert status == 200, data
@@ -63,8 +69,10 @@ def poll(server, serial, type_, version, *, in_call="false", extra="", periphera
 
 def report(server, serial, type_, version, state, detail=None):
     attrs = f' detail="{detail}"' if detail else ""
-    body = (f'<report protocol="1"><device serial="{serial}" type="{type_}" version="{version}"'
-            f' state="{state}"{attrs}/></report>')
+    body = (
+        f'<report protocol="1"><device serial="{serial}" type="{type_}" version="{version}"'
+        f' state="{state}"{attrs}/></report>'
+    )
     status, headers, data = server.request("POST", "/report", body)
     assert status == 200, data
     assert headers["Content-Type"] == "application/xml"
@@ -80,15 +88,23 @@ def endpoint(server, serial) -> dict:
 def test_poll_offers_update_with_package_fields(server, tmp_path):
     sha = add(server, tmp_path, "GroupSeries", "6.2.2.0-100")
     admin(server, "policy", "set", "GroupSeries", "--version", "6.2.2.0-100")
-    root = poll(server, "8211ABC", "GroupSeries", "6.2.1.1-600021",
-                peripherals='<peripheral serial="EE4-17" type="EagleEyeIV" version="1.4.0"/>')
+    root = poll(
+        server,
+        "8211ABC",
+        "GroupSeries",
+        "6.2.1.1-600021",
+        peripherals='<peripheral serial="EE4-17" type="EagleEyeIV" version="1.4.0"/>',
+    )
     assert root.get("pollInterval") == "3600"
     assert root.get("serverTime").endswith("Z")
     update, peripheral = list(root)
     assert update.tag == "update"
     assert update.attrib == {
-        "serial": "8211ABC", "type": "GroupSeries", "version": "6.2.2.0-100",
-        "size": str(len(b"GroupSeries-6.2.2.0-100" * 100)), "sha256": sha,
+        "serial": "8211ABC",
+        "type": "GroupSeries",
+        "version": "6.2.2.0-100",
+        "size": str(len(b"GroupSeries-6.2.2.0-100" * 100)),
+        "sha256": sha,
         "name": "GroupSeries-6.2.2.0-100.pup",
         "url": f"https://127.0.0.1:{server.port}/packages/{sha}",
     }
@@ -151,8 +167,11 @@ def test_poll_registration_visible_to_cli_within_a_second(server, tmp_path):
     poll(server, "VIS-1", "Seen", "3.1", extra=' mac="00:11:22:33:44:55" tz="Europe/Berlin"')
     deadline = time.monotonic() + 1.0
     while True:
-        rows = [e for e in __import__("json").loads(admin(server, "endpoint", "list", "--json"))
-                if e["serial"] == "VIS-1"]
+        rows = [
+            e
+            for e in __import__("json").loads(admin(server, "endpoint", "list", "--json"))
+            if e["serial"] == "VIS-1"
+        ]
         if rows or time.monotonic() > deadline:
             break
     assert rows, "registered within one second"
@@ -198,39 +217,55 @@ class TestDownloads:
 
     @pytest.mark.parametrize(
         ("spec", "start", "end"),
-        [("bytes=0-99", 0, 99), ("bytes=1000-", 1000, 1023999), ("bytes=-10", 1023990, 1023999),
-         ("bytes=1023999-5000000", 1023999, 1023999)],
+        [
+            ("bytes=0-99", 0, 99),
+            ("bytes=1000-", 1000, 1023999),
+            ("bytes=-10", 1023990, 1023999),
+            ("bytes=1023999-5000000", 1023999, 1023999),
+        ],
     )
     def test_ranges(self, server, package, spec, start, end):
         sha, content = package
         status, headers, data = server.request("GET", f"/packages/{sha}", headers={"Range": spec})
         assert status == 206
         assert headers["Content-Range"] == f"bytes {start}-{end}/{len(content)}"
-        assert data == content[start:end + 1]
+        assert data == content[start : end + 1]
 
     def test_unsatisfiable_range(self, server, package):
         sha, content = package
-        status, headers, _ = server.request("GET", f"/packages/{sha}",
-                                            headers={"Range": "bytes=2000000-"})
+        status, headers, _ = server.request(
+            "GET", f"/packages/{sha}", headers={"Range": "bytes=2000000-"}
+        )
         assert status == 416 and headers["Content-Range"] == f"bytes */{len(content)}"
 
     def test_if_none_match_and_if_range(self, server, package):
         sha, content = package
-        status, _, data = server.request("GET", f"/packages/{sha}",
-                                         headers={"If-None-Match": f'"{sha}"'})
+        status, _, data = server.request(
+            "GET", f"/packages/{sha}", headers={"If-None-Match": f'"{sha}"'}
+        )
         assert status == 304 and data == b""
-        status, _, data = server.request("GET", f"/packages/{sha}",
-                                         headers={"Range": "bytes=0-9", "If-Range": '"other"'})
+        status, _, data = server.request(
+            "GET", f"/packages/{sha}", headers={"Range": "bytes=0-9", "If-Range": '"other"'}
+        )
         assert status == 200 and data == content
-        status, _, data = server.request("GET", f"/packages/{sha}",
-                                         headers={"Range": "bytes=0-9", "If-Range": f'"{sha}"'})
+        status, _, data = server.request(
+            "GET", f"/packages/{sha}", headers={"Range": "bytes=0-9", "If-Range": f'"{sha}"'}
+        )
         assert status == 206 and data == content[:10]
 
     @pytest.mark.parametrize(
         "path",
-        ["/packages/" + "0" * 64, "/packages/abc", "/packages/../dynupdate.db",
-         "/packages/%2e%2e/dynupdate.db", "/packages/", "/packages/..%2f..%2fetc%2fpasswd",
-         "/packages//etc/passwd", "/packages/" + "A" * 64, "/packages/x%00"],
+        [
+            "/packages/" + "0" * 64,
+            "/packages/abc",
+            "/packages/../dynupdate.db",
+            "/packages/%2e%2e/dynupdate.db",
+            "/packages/",
+            "/packages/..%2f..%2fetc%2fpasswd",
+            "/packages//etc/passwd",
+            "/packages/" + "A" * 64,
+            "/packages/x%00",
+        ],
     )
     def test_unknown_or_malformed_hash_is_404(self, server, path):
         status, headers, data = server.request("GET", path)
@@ -249,12 +284,29 @@ class TestDownloads:
     [
         ("POST", "/poll", b"<poll", 400, "malformed-xml"),
         ("POST", "/poll", b"", 400, "malformed-xml"),
-        ("POST", "/poll", b'<poll protocol="1"><endpoint serial="x" type="T"/></poll>', 400,
-         "invalid-request"),
-        ("POST", "/poll", b'<!DOCTYPE poll [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
-         b'<poll protocol="1"><endpoint serial="&x;" type="T" version="1"/></poll>', 400, None),
-        ("POST", "/report", b'<report protocol="1"><device serial="x" type="T" version="1"'
-         b' state="exploded"/></report>', 400, "invalid-request"),
+        (
+            "POST",
+            "/poll",
+            b'<poll protocol="1"><endpoint serial="x" type="T"/></poll>',
+            400,
+            "invalid-request",
+        ),
+        (
+            "POST",
+            "/poll",
+            b'<!DOCTYPE poll [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+            b'<poll protocol="1"><endpoint serial="&x;" type="T" version="1"/></poll>',
+            400,
+            None,
+        ),
+        (
+            "POST",
+            "/report",
+            b'<report protocol="1"><device serial="x" type="T" version="1"'
+            b' state="exploded"/></report>',
+            400,
+            "invalid-request",
+        ),
         ("GET", "/poll", None, 405, "method-not-allowed"),
         ("PUT", "/report", b"x", 405, "method-not-allowed"),
         ("POST", "/packages/" + "0" * 64, b"x", 405, "method-not-allowed"),
@@ -273,8 +325,9 @@ def test_errors_are_xml_4xx(server, method, path, body, status, code):
 
 
 def test_values_are_escaped_in_answers(server):
-    body = ('<poll protocol="1"><endpoint serial="a&lt;b&amp;c&quot;d" type="Esc" version="1"/>'
-            "</poll>")
+    body = (
+        '<poll protocol="1"><endpoint serial="a&lt;b&amp;c&quot;d" type="Esc" version="1"/></poll>'
+    )
     status, _, data = server.request("POST", "/poll", body)
     assert status == 200
     assert etree.fromstring(data)[0].get("serial") == 'a<b&c"d'
@@ -305,9 +358,18 @@ def test_keepalive_polls_on_one_connection(server):
     conn = server.connection()
     try:
         for i in range(5):
-            conn.request("POST", "/poll", POLL.format(serial=f"K{i}", type="Unmanaged",
-                                                      version="1", in_call="false", extra="",
-                                                      peripherals=""))
+            conn.request(
+                "POST",
+                "/poll",
+                POLL.format(
+                    serial=f"K{i}",
+                    type="Unmanaged",
+                    version="1",
+                    in_call="false",
+                    extra="",
+                    peripherals="",
+                ),
+            )
             response = conn.getresponse()
             assert response.status == 200
             response.read()
@@ -343,3 +405,55 @@ def test_self_signed_certificate_and_fingerprint(server):
     fingerprint_line = next(line for line in server.log if "fingerprint" in line)
     der = ssl.PEM_cert_to_DER_cert(server.cafile.read_text())
     assert hashlib.sha256(der).hexdigest() in fingerprint_line
+
+
+def test_public_url_and_package_url(start_server, tmp_path, cli):
+    home = tmp_path / "urls"
+    proxied = start_server(home, "--public-url", "https://updates.example.com/")
+    add(proxied, tmp_path, "Url", "1.0")
+    admin(proxied, "policy", "set", "Url", "--version", "1.0")
+    [child] = poll(proxied, "U1", "Url", "0.1")
+    sha = child.get("sha256")
+    assert child.get("url") == f"https://updates.example.com/packages/{sha}"
+    proxied.stop()
+    cdn = start_server(home, "--package-url", "https://cdn.example.com/dyn")
+    [child] = poll(cdn, "U1", "Url", "0.1")
+    assert child.get("url") == f"https://cdn.example.com/dyn/{sha[:2]}/{sha}"
+    assert (home / "packages" / sha[:2] / sha).is_file(), "the same names as the store"
+
+
+def test_host_header_is_echoed_only_when_plain(server, tmp_path):
+    add(server, tmp_path, "Hosted", "1.0")
+    admin(server, "policy", "set", "Hosted", "--version", "1.0")
+    body = POLL.format(
+        serial="H1", type="Hosted", version="0", in_call="false", extra="", peripherals=""
+    )
+    _, _, data = server.request("POST", "/poll", body, headers={"Host": 'evil"><x y="1'})
+    url = etree.fromstring(data)[0].get("url")
+    assert "evil" not in url and url.startswith("https://")
+
+
+def test_poll_interval_option_and_sigterm_flushes_writes(start_server, tmp_path):
+    home = tmp_path / "interval"
+    running = start_server(home, "--poll-interval", "90m")
+    root = poll(running, "LAST", "Unmanaged", "1")
+    assert root.get("pollInterval") == "5400"
+    running.stop()
+    assert running.process.returncode == 0
+    import sqlite3
+
+    db = sqlite3.connect(home / "dynupdate.db")
+    assert db.execute("SELECT count(*) FROM endpoints WHERE serial = 'LAST'").fetchone()[0] == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--poll-interval", "0"], "--poll-interval"),
+        (["--public-url", "ftp://x"], "ftp://x"),
+        (["--cert", "/nonexistent.pem"], "--key"),
+    ],
+)
+def test_bad_serve_options_are_one_line_errors(cli, args, named):
+    result = cli("serve", "--port", "0", *args, code=1)
+    assert named in result.stderr and "Traceback" not in result.output
