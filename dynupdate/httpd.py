@@ -57,6 +57,8 @@ __all__ = [
     "error_code",
     "error_response",
     "file_response",
+    "listen_sockets",
+    "loop_factory",
     "run",
 ]
 
@@ -276,6 +278,24 @@ class _Reject(Exception):
 
 
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
+_HEADER_NAMES = {
+    spelling.encode(): name.lower()
+    for name in (
+        "Host",
+        "User-Agent",
+        "Accept",
+        "Accept-Encoding",
+        "Connection",
+        "Content-Type",
+        "Content-Length",
+        "Range",
+        "If-Range",
+        "If-None-Match",
+        "Expect",
+        "Authorization",
+    )
+    for spelling in (name, name.lower())
+}
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
 _NEEDS_LENGTH = frozenset(("POST", "PUT", "PATCH"))
 _NO_BODY_STATUS = frozenset((204, 304))
@@ -508,19 +528,19 @@ class _Connection(asyncio.BufferedProtocol):
         self.url = url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.nheaders += 1
-        self.hbytes += len(name) + len(value) + 4
-        if self.nheaders > MAX_HEADERS:
+        count = self.nheaders = self.nheaders + 1
+        size = self.hbytes = self.hbytes + len(name) + len(value) + 4
+        if count > MAX_HEADERS:
             self._refuse(431, f"More than {MAX_HEADERS} header fields.")
-        if self.hbytes > MAX_HEADER_BYTES:
+        if size > MAX_HEADER_BYTES:
             self._refuse(431, "The header section is larger than 64 KiB.")
-        key = name.decode("latin-1").lower()
+        key = _HEADER_NAMES.get(name)
+        if key is None:
+            key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         headers = self.headers
-        if key in headers:
-            headers[key] = f"{headers[key]}, {text}"
-        else:
-            headers[key] = text
+        old = headers.get(key)
+        headers[key] = text if old is None else f"{old}, {text}"
 
     def on_headers_complete(self) -> None:
         self.state = _BODY
@@ -575,8 +595,8 @@ class _Connection(asyncio.BufferedProtocol):
         )
         parser = self.parser
         keep = parser.should_keep_alive()
-        if keep and parser.get_http_version() == "1.0":
-            keep = _KEEP_10
+        if keep and "connection" in self.headers and parser.get_http_version() == "1.0":
+            keep = _KEEP_10  # an HTTP/1.0 client asked for keep-alive: say yes explicitly
         self.queue.append((request, keep, self.t0))
         self.state = _WAIT
 
@@ -660,7 +680,7 @@ class _Connection(asyncio.BufferedProtocol):
         if server.closing or self.keep_closing:
             keep = 0
         try:
-            if type(response) is not Response or not 200 <= response.status <= 599:
+            if not isinstance(response, Response) or not 200 <= response.status <= 599:
                 raise TypeError(f"the app answered {response!r}, not a Response")
             status = response.status
             file = response.file
@@ -777,10 +797,10 @@ class _Connection(asyncio.BufferedProtocol):
                     self.drain = loop.create_future()
                     await self.drain
                     continue
+                # Read in a thread: a cold read never stalls the loop, and this
+                # measured cheaper and faster than os.pread (even RWF_NOWAIT) inline.
                 size = min(FILE_CHUNK, end - offset)
-                data = _read_cached(fd, size, offset)
-                if data is None:
-                    data = await loop.run_in_executor(None, os.pread, fd, size, offset)
+                data = await loop.run_in_executor(None, os.pread, fd, size, offset)
                 if not data:
                     raise OSError(errno.EIO, "the file is shorter than announced")
                 if self.transport is None:
@@ -881,31 +901,6 @@ def _printable(text: str) -> str:
     if not text.isprintable():
         text = text.encode("unicode_escape").decode("ascii")
     return text if len(text) <= 200 else text[:200] + "..."
-
-
-_nowait_ok = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
-
-
-def _read_cached(fd: int, size: int, offset: int) -> bytes | bytearray | None:
-    """Read from the page cache without blocking the loop; None when the disk is needed."""
-    global _nowait_ok
-    if not _nowait_ok:
-        return None
-    buf = bytearray(size)
-    try:
-        got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
-    except BlockingIOError:
-        return None
-    except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            _nowait_ok = False  # this kernel or file system cannot: use the thread pool
-            return None
-        raise
-    if got < size:
-        if got == 0:
-            return None  # at the end, or nothing cached: let pread tell which
-        del buf[got:]
-    return buf
 
 
 # ---------------------------------------------------------------------------
@@ -1187,6 +1182,7 @@ def run(
     *,
     workers: int = 1,
     ready: Callable[[list[tuple[str, int]]], None] | None = None,
+    loop: str = "auto",
     **server_opts: Any,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then shut down cleanly. Blocks.
@@ -1197,11 +1193,30 @@ def run(
     workers, each listening on the same port (SO_REUSEPORT, the kernel
     spreads connections); the parent restarts a worker that dies and passes
     SIGINT/SIGTERM on. ``ready(addresses)`` is called once every worker listens.
+    ``loop``: "uvloop", "asyncio", or "auto" (uvloop when installed: it takes
+    about a quarter off the CPU per request and per handshake).
     """
+    factory = loop_factory(loop)
     if workers <= 1:
-        asyncio.run(_serve(app_factory, host, port, ssl_context, server_opts, False, ready))
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(_serve(app_factory, host, port, ssl_context, server_opts, False, ready))
         return
-    _supervise(app_factory, host, port, ssl_context, server_opts, workers, ready)
+    _supervise(app_factory, host, port, ssl_context, server_opts, workers, ready, factory)
+
+
+def loop_factory(name: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop factory for ``name`` ("auto", "uvloop" or "asyncio"); None: asyncio's."""
+    if name == "asyncio":
+        return None
+    if name not in ("auto", "uvloop"):
+        raise InvalidInput(f"Unknown event loop {name!r}: use auto, uvloop or asyncio.")
+    try:
+        import uvloop
+    except ImportError:
+        if name == "uvloop":
+            raise InvalidInput("uvloop is not installed: pip install uvloop.") from None
+        return None
+    return uvloop.new_event_loop
 
 
 async def _serve(
@@ -1245,6 +1260,7 @@ def _supervise(
     server_opts: dict[str, Any],
     workers: int,
     ready: Callable[[list[tuple[str, int]]], None] | None,
+    factory: Callable[[], asyncio.AbstractEventLoop] | None,
 ) -> None:
     # Bound but not listening: reserves the port (and resolves port 0) for the
     # workers' own SO_REUSEPORT sockets without taking any connection itself.
@@ -1271,7 +1287,8 @@ def _supervise(
                 for signum in signals:
                     signal.signal(signum, signal.SIG_DFL)
                 args = (app_factory, host, port, ssl_context, server_opts, True, started)
-                asyncio.run(_serve(*args))
+                with asyncio.Runner(loop_factory=factory) as runner:
+                    runner.run(_serve(*args))
                 code = 0
             except BaseException:
                 traceback.print_exc()

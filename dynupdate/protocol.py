@@ -189,10 +189,11 @@ def _load(body: bytes | bytearray | memoryview | str, name: str) -> etree._Eleme
         body = bytes(body)
     if body.startswith(_BOM):
         body = body[3:]
-    if not body.strip():
+    if not body or body.isspace():
         raise ProtocolError(MALFORMED_XML, "The request body is empty.")
     try:
-        body.decode("utf-8")
+        if not body.isascii():  # ASCII is UTF-8: only other bytes need the check
+            body.decode("utf-8")
     except UnicodeDecodeError as e:
         bad = f"byte 0x{body[e.start]:02x} at offset {e.start}"
         raise ProtocolError(MALFORMED_XML, f"The request is not UTF-8: {bad}.") from None
@@ -323,6 +324,58 @@ def parse_poll(body: bytes) -> Poll:
             INVALID_REQUEST, f"<poll> needs exactly one <endpoint> element; found {found}."
         )
     element = endpoints[0]
+    get = element.get
+    serial, type_, version = get("serial"), get("type"), get("version")
+    model, mac, tz, in_call = get("model"), get("mac"), get("tz"), get("in-call")
+    # The usual endpoint passes every check below at once: values present,
+    # short, printable, no surrounding (or, in a serial, any) spaces, optional
+    # ones absent or already clean. Anything else takes the checks one by one,
+    # which refuse, name the first bad value, or clean the optional ones.
+    if (
+        serial
+        and type_
+        and version
+        and len(serial) <= _LIMITS["serial"]
+        and len(type_) <= _LIMITS["type"]
+        and len(version) <= _LIMITS["version"]
+        and " " not in serial
+        and type_[0] != " " != type_[-1]
+        and version[0] != " " != version[-1]
+        and (serial + type_ + version).isprintable()
+        and (in_call is None or in_call == "false" or in_call == "true")
+        and (model is None or _clean_optional(model, "model"))
+        and (mac is None or _clean_optional(mac, "mac"))
+        and (tz is None or _clean_optional(tz, "tz"))
+    ):
+        endpoint = PollEndpoint(serial, type_, version, model, mac, tz, in_call == "true")
+    else:
+        endpoint = _endpoint(element)
+    if peripherals:
+        devices = tuple(_device(p, f"<peripheral> #{i}") for i, p in enumerate(peripherals, 1))
+    else:
+        devices = ()
+    if devices:
+        seen = {endpoint.serial}
+        for device in devices:
+            if device.serial in seen:
+                raise ProtocolError(
+                    INVALID_REQUEST, f"serial={_show(device.serial)} appears twice in the poll."
+                )
+            seen.add(device.serial)
+    return Poll(endpoint, devices)
+
+
+def _clean_optional(value: str, name: str) -> bool:
+    """Whether an optional value needs no cleaning and passes its checks as it is."""
+    return (
+        bool(value)
+        and value[0] != " " != value[-1]
+        and len(value) <= _LIMITS[name]
+        and value.isprintable()
+    )
+
+
+def _endpoint(element: etree._Element) -> PollEndpoint:
     where = "<endpoint>"
     in_call = element.get("in-call")
     if in_call is None or in_call == "false":
@@ -333,7 +386,7 @@ def parse_poll(body: bytes) -> Poll:
         raise ProtocolError(
             INVALID_REQUEST, f"<endpoint> in-call={_show(in_call)} is not true or false."
         )
-    endpoint = PollEndpoint(
+    return PollEndpoint(
         _serial(element, where),
         _required(element, where, "type"),
         _required(element, where, "version"),
@@ -342,16 +395,6 @@ def parse_poll(body: bytes) -> Poll:
         _optional(element, where, "tz"),
         in_call_flag,
     )
-    devices = tuple(_device(p, f"<peripheral> #{i}") for i, p in enumerate(peripherals, 1))
-    if devices:
-        seen = {endpoint.serial}
-        for device in devices:
-            if device.serial in seen:
-                raise ProtocolError(
-                    INVALID_REQUEST, f"serial={_show(device.serial)} appears twice in the poll."
-                )
-            seen.add(device.serial)
-    return Poll(endpoint, devices)
 
 
 def parse_report(body: bytes) -> Report:
@@ -450,11 +493,25 @@ def poll_response(
     <pollResponse protocol="1" pollInterval="3600" serverTime="2026-11-27T16:00:00Z"><noUpdate \
 serial="A1" type="Trio" reason="in-call"/></pollResponse>
     """
-    root = etree.Element(
-        "pollResponse",
-        {"protocol": PROTOCOL, "pollInterval": str(int(poll_interval)),
-         "serverTime": format_time(server_time)},
-    )
+    # One root per thread, emptied and refilled: a new lxml document per answer
+    # costs more than all its attributes. serverTime changes once a second.
+    try:
+        root = _local.response
+    except AttributeError:
+        root = _local.response = etree.Element(
+            "pollResponse", {"protocol": PROTOCOL, "pollInterval": "", "serverTime": ""}
+        )
+        _local.response_second = _local.response_interval = None
+    else:
+        del root[:]
+    interval = str(int(poll_interval))
+    if interval != _local.response_interval:
+        root.set("pollInterval", interval)
+        _local.response_interval = interval
+    second = server_time.replace(microsecond=0) if server_time.microsecond else server_time
+    if second != _local.response_second:  # format_time ignores the microseconds
+        root.set("serverTime", format_time(server_time))
+        _local.response_second = second
     for answer in answers:
         if isinstance(answer, Offer):
             etree.SubElement(root, "update", {

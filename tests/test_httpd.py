@@ -23,11 +23,15 @@ import pytest
 import trustme
 from lxml import etree
 
-from dynupdate.httpd import FILE_CHUNK, Request, Response, Server, file_response
+from dynupdate import httpd
+from dynupdate.httpd import FILE_CHUNK, Request, Response, Server, file_response, loop_factory
 from dynupdate.tls import server_context
 
 # ---------------------------------------------------------------------------
 # Fixtures and helpers
+
+# The tests that matter most for each event loop run on both.
+LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +82,11 @@ async def echo(request: Request) -> Response:
 class Running:
     """A Server on its own event loop in a background thread."""
 
-    def __init__(self, app, ssl_context, **options) -> None:
+    def __init__(self, app, ssl_context, loop="asyncio", **options) -> None:
         self.app, self.ssl_context, self.options = app, ssl_context, options
+        if loop == "uvloop":
+            pytest.importorskip("uvloop")
+        self.loop_factory = loop_factory(loop)
         self.server: Server
         self.loop: asyncio.AbstractEventLoop
         self.port = 0
@@ -97,7 +104,8 @@ class Running:
             await self.server.serve_forever()
 
         try:
-            asyncio.run(main())
+            with asyncio.Runner(loop_factory=self.loop_factory) as runner:
+                runner.run(main())
         except BaseException as exc:
             self._error = exc
             self._ready.set()
@@ -113,9 +121,9 @@ class Running:
         return asyncio.run_coroutine_threadsafe(self.server.close(), self.loop)
 
     def stop(self) -> None:
-        if self._thread.is_alive():
+        if self._thread.is_alive() and not self.server.closing:
             self.close_soon().result(timeout=20)
-            self._thread.join(timeout=20)
+        self._thread.join(timeout=20)
         assert not self._thread.is_alive()
 
 
@@ -202,8 +210,9 @@ def xml_error(body: bytes) -> etree._Element:
 # Requests and responses
 
 
-def test_keepalive_requests_share_one_connection(serve, client_tls):
-    running = serve()
+@LOOPS
+def test_keepalive_requests_share_one_connection(serve, client_tls, loop):
+    running = serve(loop=loop)
     conn = https(running, client_tls)
     ports = set()
     for i in range(5):
@@ -241,8 +250,9 @@ def test_request_fields_are_passed_raw(serve, client_tls):
     conn.close()
 
 
-def test_pipelined_requests_are_answered_in_order(serve, connect):
-    sock = connect(serve())
+@LOOPS
+def test_pipelined_requests_are_answered_in_order(serve, connect, loop):
+    sock = connect(serve(loop=loop))
     sock.sendall(
         b"GET /slow?1 HTTP/1.1\r\nHost: x\r\n\r\n"
         b"GET /fast?2 HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -424,10 +434,11 @@ async def _serve_big(request: Request, path: Path) -> Response:
     return file_response(request, path, hashlib.sha256(b"big").hexdigest())
 
 
-def test_files_over_https(serve, client_tls, big_file):
+@LOOPS
+def test_files_over_https(serve, client_tls, big_file, loop):
     path, data = big_file
     tag = f'"{hashlib.sha256(b"big").hexdigest()}"'
-    conn = https(serve(lambda request: _serve_big(request, path)), client_tls)
+    conn = https(serve(lambda request: _serve_big(request, path), loop=loop), client_tls)
 
     def get(method="GET", **headers):
         conn.request(method, "/packages/big", headers=headers)
@@ -463,11 +474,12 @@ def test_files_over_https(serve, client_tls, big_file):
     conn.close()
 
 
-def test_a_client_that_never_reads_is_dropped(serve, big_file, client_tls, tmp_path):
+@LOOPS
+def test_a_client_that_never_reads_is_dropped(serve, big_file, client_tls, tmp_path, loop):
     sparse = tmp_path / "sparse.bin"
     with sparse.open("wb") as handle:
         handle.truncate(64 * 1024 * 1024)
-    running = serve(lambda request: _serve_big(request, sparse), write_timeout=0.5)
+    running = serve(lambda request: _serve_big(request, sparse), write_timeout=0.5, loop=loop)
     raw = socket.socket()
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     raw.settimeout(5)
@@ -549,7 +561,8 @@ MANY_HEADERS = b"".join(b"X-H%d: v\r\n" % i for i in range(150))
     ],
     ids=lambda value: value[:24] if isinstance(value, bytes) else None,
 )
-def test_limits_answer_an_xml_error_and_close(serve, connect, raw, status, code, says):
+def test_limits_answer_an_xml_error_and_close(serve, connect, monkeypatch, raw, status, code, says):
+    monkeypatch.setattr(httpd, "LINGER_QUIET", 0.05)  # lingering has its own test below
     lines: list[str] = []
     running = serve(access_log=lines.append)
     sock = connect(running)
@@ -569,9 +582,10 @@ def test_limits_answer_an_xml_error_and_close(serve, connect, raw, status, code,
     assert len(lines) == 1 and f" {status} " in lines[0]
 
 
-def test_a_refused_body_still_gets_its_answer(serve, connect):
+@LOOPS
+def test_a_refused_body_still_gets_its_answer(serve, connect, loop):
     """The client sends 10 MB anyway: the 413 is not destroyed by a reset."""
-    sock = connect(serve())
+    sock = connect(serve(loop=loop))
     head = b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n"
     sent = 0
     with contextlib.suppress(OSError):
@@ -598,8 +612,9 @@ def test_a_custom_error_body(serve, connect):
 # Slow, silent and misbehaving clients
 
 
-def test_slowloris_is_cut_off_by_the_whole_request_deadline(serve, connect):
-    running = serve(request_timeout=1.0)
+@LOOPS
+def test_slowloris_is_cut_off_by_the_whole_request_deadline(serve, connect, loop):
+    running = serve(request_timeout=1.0, loop=loop)
     sock = connect(running)
     started = time.monotonic()
     closed_after = None
@@ -627,8 +642,9 @@ def _partial_client_hello() -> bytes:
     return hello[: len(hello) // 2]
 
 
-def test_misbehaving_clients_do_not_delay_a_real_request(serve, client_tls):
-    running = serve()
+@LOOPS
+def test_misbehaving_clients_do_not_delay_a_real_request(serve, client_tls, loop):
+    running = serve(loop=loop)
     bad: list[socket.socket] = []
     try:
         for _ in range(20):  # silent TCP connections
@@ -655,8 +671,9 @@ def test_misbehaving_clients_do_not_delay_a_real_request(serve, client_tls):
             sock.close()
 
 
-def test_silent_connections_are_closed_at_the_handshake_timeout(serve):
-    running = serve(handshake_timeout=0.5)
+@LOOPS
+def test_silent_connections_are_closed_at_the_handshake_timeout(serve, loop):
+    running = serve(handshake_timeout=0.5, loop=loop)
     sock = socket.create_connection(("127.0.0.1", running.port), timeout=5)
     with sock:
         elapsed = closed_within(sock, 3)
@@ -683,8 +700,9 @@ def test_a_connection_that_never_sends_a_request_is_closed(serve, connect):
     assert elapsed is not None and elapsed < 1.5
 
 
-def test_max_connections(serve, connect):
-    running = serve(max_connections=3)
+@LOOPS
+def test_max_connections(serve, connect, loop):
+    running = serve(max_connections=3, loop=loop)
     kept = [connect(running) for _ in range(3)]
     for sock in kept:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -705,8 +723,9 @@ def test_max_connections(serve, connect):
 # App failures and shutdown
 
 
-def test_app_exceptions_answer_500_and_the_server_goes_on(serve, client_tls, caplog):
-    conn = https(serve(), client_tls)
+@LOOPS
+def test_app_exceptions_answer_500_and_the_server_goes_on(serve, client_tls, caplog, loop):
+    conn = https(serve(loop=loop), client_tls)
     with caplog.at_level("ERROR", logger="dynupdate.httpd"):
         conn.request("GET", "/boom")
         response = conn.getresponse()
@@ -745,7 +764,8 @@ def test_bad_answers_from_the_app_become_500(serve, client_tls, caplog, answer):
     conn.close()
 
 
-def test_graceful_close_finishes_requests_in_flight(serve, client_tls, connect):
+@LOOPS
+def test_graceful_close_finishes_requests_in_flight(serve, client_tls, connect, loop):
     entered = threading.Event()
 
     async def app(request: Request) -> Response:
@@ -754,7 +774,7 @@ def test_graceful_close_finishes_requests_in_flight(serve, client_tls, connect):
             await asyncio.sleep(0.3)
         return Response(200, [("Content-Type", "text/plain")], b"done")
 
-    running = serve(app)
+    running = serve(app, loop=loop)
     idle = connect(running)
     idle.sendall(b"GET /idle HTTP/1.1\r\nHost: x\r\n\r\n")
     assert read_response(idle.makefile("rb"))[0] == 200
@@ -778,6 +798,22 @@ def test_graceful_close_finishes_requests_in_flight(serve, client_tls, connect):
     closing.result(timeout=5)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", running.port), timeout=2)
+
+
+def test_mutual_tls_passes_the_client_certificate(serve, ca, cert_files, tmp_path):
+    devices = trustme.CA()
+    devices_file = tmp_path / "devices-ca.pem"
+    devices.cert_pem.write_to_path(str(devices_file))
+    running = serve(ssl_context=server_context(*cert_files, client_ca=devices_file))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    devices.issue_cert("8211abc.devices.example", common_name="8211ABC").configure_cert(client)
+    conn = http.client.HTTPSConnection("127.0.0.1", running.port, context=client, timeout=5)
+    conn.request("GET", "/who")
+    peer = json.loads(conn.getresponse().read())["peer_cert"]
+    conn.close()
+    assert dict(rdn[0] for rdn in peer["subject"])["commonName"] == "8211ABC"
+    assert ["DNS", "8211abc.devices.example"] in peer["subjectAltName"]
 
 
 def test_plain_http_without_tls(serve):

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from dynupdate.cli import backup, endpoint, integrity, overview, package, policy, serve, window
+from dynupdate.cli import (
+    backup,
+    endpoint,
+    integrity,
+    overview,
+    package,
+    policy,
+    serve,
+    simulate,
+    window,
+)
 from dynupdate.cli._app import app
 
 __all__ = ["app", "main"]
@@ -13,6 +23,7 @@ app.add_typer(window.app, name="window")
 app.add_typer(endpoint.app, name="endpoint")
 app.command("overview")(overview.overview)
 app.command("serve")(serve.serve)
+app.command("simulate")(simulate.simulate)
 app.command("check")(integrity.check)
 app.command("backup")(backup.backup)
 app.command("restore")(backup.restore)

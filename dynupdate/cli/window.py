@@ -6,7 +6,9 @@ import typer
 
 from dynupdate.cli._app import home_of, state_of
 from dynupdate.cli._output import emit_object, say
+from dynupdate.cli.policy import DRY_RUN, emit_rehearsal
 from dynupdate.core.maintenance import clear_window, load_window, save_window
+from dynupdate.core.rehearsal import rehearse_window
 from dynupdate.core.times import format_utc, utc_now
 from dynupdate.core.windows import current_opening, make_window, next_opening
 
@@ -54,13 +56,18 @@ def set_(
         "--tz",
         help="IANA zone (Europe/Berlin), or 'endpoint' for each endpoint's clock. Default UTC.",
     ),
+    dry_run: bool = DRY_RUN,
     as_json: bool = JSON,
 ) -> None:
     """Set the maintenance window.
 
     Example: dynupdate window set --start 22:00 --duration 4h --days mon-fri --tz Europe/Berlin
     """
-    window = save_window(home_of(ctx).db, make_window(days, start, duration, tz))
+    window = make_window(days, start, duration, tz)
+    if dry_run:
+        emit_rehearsal(rehearse_window(home_of(ctx).db, window), as_json=as_json)
+        return
+    window = save_window(home_of(ctx).db, window)
     view = _view(window)
     if as_json:
         emit_object(view, as_json=True)

@@ -26,6 +26,7 @@ __all__ = [
     "DeviceState",
     "Policy",
     "decide",
+    "decide_for_target",
     "is_satisfied",
     "target_package",
 ]
@@ -78,6 +79,8 @@ def target_package(policy: Policy | None, packages: Sequence[Package]) -> Packag
 
 def is_satisfied(version: str, target: Package, allow_newer: bool) -> bool:
     """Whether a device on ``version`` needs nothing from ``target`` (rule 4)."""
+    if version == target.version:  # the usual answer, without comparing keys
+        return True
     if allow_newer:
         return version_key(version) >= version_key(target.version)
     return same_version(version, target.version)
@@ -91,13 +94,29 @@ def decide(
     now: datetime,
 ) -> Decision:
     """Apply the rules above; ``packages`` are those of the device's type."""
-    target = target_package(policy, packages)
+    return decide_for_target(policy, target_package(policy, packages), window, device, now)
+
+
+# Decisions are immutable: the ones without a package or a time are shared.
+_NO_POLICY = Decision(reason=NO_POLICY)
+_IN_CALL = Decision(reason=IN_CALL)
+_UP_TO_DATE = Decision(reason=UP_TO_DATE)
+
+
+def decide_for_target(
+    policy: Policy | None,
+    target: Package | None,
+    window: Window | None,
+    device: DeviceState,
+    now: datetime,
+) -> Decision:
+    """:func:`decide` with the target already known: ``target_package(policy, packages)``."""
     if target is None:
-        return Decision(reason=NO_POLICY)
+        return _NO_POLICY
     if device.in_call:
-        return Decision(reason=IN_CALL)
+        return _IN_CALL
     if is_satisfied(device.version, target, policy.allow_newer):
-        return Decision(reason=UP_TO_DATE)
+        return _UP_TO_DATE
     if window is not None and not is_open(window, now, device.tz):
         return Decision(
             reason=OUTSIDE_WINDOW, retry_at=retry_at(window, now, device.serial, device.tz)

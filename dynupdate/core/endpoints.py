@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -74,77 +75,127 @@ def _prune(db, serials: Iterable[str]) -> None:
         )
 
 
+_REFRESH = (
+    "UPDATE endpoints SET type = ?, model = ?, mac = ?, tz = ?, in_call = ?, address = ?,"
+    " last_poll = ? WHERE serial = ? AND version = ? AND type_key = ? AND parent_serial IS ?"
+    " AND (? IS NULL OR offered_version = ?)"
+)
+
+
 def record_polls(db: sqlite_utils.Database, sightings: Sequence[tuple[Sighting, datetime]]) -> None:
     """Register or refresh devices from polls, in one transaction.
 
     History gets an event only when something worth keeping changes (first
     seen, a new version, a new offer), never one row per poll.
     """
-    touched = set()
+    touched: set[str] = set()
+    conn = db.conn
+    second = at = None
+    polls = []
+    for s, when in sightings:
+        # Polls written together mostly share their second: format it once.
+        if when.microsecond:
+            when = when.replace(microsecond=0)
+        if when != second:
+            second, at = when, format_utc(when)
+        refresh = (
+            s.type,
+            s.model,
+            s.mac,
+            s.tz,
+            int(s.in_call),
+            s.address,
+            at,
+            s.serial,
+            s.version,
+            type_key(s.type),
+            s.parent_serial,
+            s.offered_version,
+            s.offered_version,
+        )
+        polls.append((s, at, refresh))
     with write(db):
-        for s, when in sightings:
-            at = format_utc(when)
-            row = db.execute(
-                "SELECT version, offered_version FROM endpoints WHERE serial = ?", (s.serial,)
-            ).fetchone()
-            if row is None:
-                db.execute(
-                    "INSERT INTO endpoints (serial, type, type_key, version, model, mac, tz,"
-                    " in_call, address, parent_serial, first_seen, last_poll, offered_version,"
-                    " offered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        s.serial,
-                        s.type,
-                        type_key(s.type),
-                        s.version,
-                        s.model,
-                        s.mac,
-                        s.tz,
-                        int(s.in_call),
-                        s.address,
-                        s.parent_serial,
-                        at,
-                        at,
-                        s.offered_version,
-                        at if s.offered_version else None,
-                    ),
-                )
-                _history(db, s.serial, at, "first-seen", s.version)
-                if s.offered_version:
-                    _history(db, s.serial, at, "offered", s.offered_version)
-                touched.add(s.serial)
+        # The usual poll changes nothing worth a history event: same version,
+        # same offer (or none), same type and parent. One UPDATE that leaves the
+        # indexed columns alone covers it, run for a whole chunk at once. When
+        # some poll of a chunk needs more, the chunk is replayed one poll at a
+        # time, in order, through the full path that decides the events: a
+        # refresh only rewrites what the next write of that device rewrites too.
+        for start in range(0, len(polls), _CHUNK):
+            chunk = polls[start : start + _CHUNK]
+            if conn.executemany(_REFRESH, [p[2] for p in chunk]).rowcount == len(chunk):
                 continue
-            old_version, old_offer = row
-            offer_changed = s.offered_version is not None and s.offered_version != old_offer
-            db.execute(
-                "UPDATE endpoints SET type = ?, type_key = ?, version = ?, model = ?, mac = ?,"
-                " tz = ?, in_call = ?, address = ?, parent_serial = ?, last_poll = ?,"
-                " offered_version = coalesce(?, offered_version),"
-                " offered_at = CASE WHEN ? THEN ? ELSE offered_at END WHERE serial = ?",
-                (
-                    s.type,
-                    type_key(s.type),
-                    s.version,
-                    s.model,
-                    s.mac,
-                    s.tz,
-                    int(s.in_call),
-                    s.address,
-                    s.parent_serial,
-                    at,
-                    s.offered_version,
-                    offer_changed,
-                    at,
-                    s.serial,
-                ),
-            )
-            if old_version != s.version:
-                _history(db, s.serial, at, "version-changed", s.version, f"from {old_version}")
-                touched.add(s.serial)
-            if offer_changed:
-                _history(db, s.serial, at, "offered", s.offered_version)
-                touched.add(s.serial)
+            for s, at, refresh in chunk:
+                if not conn.execute(_REFRESH, refresh).rowcount:
+                    _record_poll(db, s, at, touched)
         _prune(db, touched)
+
+
+_CHUNK = 64  # polls refreshed by one executemany
+
+
+def _record_poll(db: sqlite_utils.Database, s: Sighting, at: str, touched: set[str]) -> None:
+    """The full path of one poll: register, or update and record the events."""
+    row = db.execute(
+        "SELECT version, offered_version FROM endpoints WHERE serial = ?", (s.serial,)
+    ).fetchone()
+    if row is None:
+        db.execute(
+            "INSERT INTO endpoints (serial, type, type_key, version, model, mac, tz,"
+            " in_call, address, parent_serial, first_seen, last_poll, offered_version,"
+            " offered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                s.serial,
+                s.type,
+                type_key(s.type),
+                s.version,
+                s.model,
+                s.mac,
+                s.tz,
+                int(s.in_call),
+                s.address,
+                s.parent_serial,
+                at,
+                at,
+                s.offered_version,
+                at if s.offered_version else None,
+            ),
+        )
+        _history(db, s.serial, at, "first-seen", s.version)
+        if s.offered_version:
+            _history(db, s.serial, at, "offered", s.offered_version)
+        touched.add(s.serial)
+        return
+    old_version, old_offer = row
+    offer_changed = s.offered_version is not None and s.offered_version != old_offer
+    db.execute(
+        "UPDATE endpoints SET type = ?, type_key = ?, version = ?, model = ?, mac = ?,"
+        " tz = ?, in_call = ?, address = ?, parent_serial = ?, last_poll = ?,"
+        " offered_version = coalesce(?, offered_version),"
+        " offered_at = CASE WHEN ? THEN ? ELSE offered_at END WHERE serial = ?",
+        (
+            s.type,
+            type_key(s.type),
+            s.version,
+            s.model,
+            s.mac,
+            s.tz,
+            int(s.in_call),
+            s.address,
+            s.parent_serial,
+            at,
+            s.offered_version,
+            offer_changed,
+            at,
+            s.serial,
+        ),
+    )
+    if old_version != s.version:
+        _history(db, s.serial, at, "version-changed", s.version, f"from {old_version}")
+        touched.add(s.serial)
+    if offer_changed:
+        _history(db, s.serial, at, "offered", s.offered_version)
+        touched.add(s.serial)
 
 
 def record_reports(
@@ -215,20 +266,65 @@ def list_endpoints(
     if stale is not None:
         where.append("(last_poll IS NULL OR last_poll < ?)")
         params.append(format_utc(now - stale))
-    sql = f"SELECT {_ENDPOINT_COLUMNS} FROM endpoints"
+    with _reading(db):
+        if status is not None or version is not None:
+            # Status and version depend only on the (type, version, last report)
+            # group of a row: pick the groups from the covering index, so that
+            # only their rows are read and turned into dicts, not the whole fleet.
+            groups = _groups_matching(db, fleet, where, params, status, version)
+            if not groups:
+                return []
+            if len(groups) <= _MAX_GROUP_TERMS:
+                where.append("(" + " OR ".join([_GROUP_TERM] * len(groups)) + ")")
+                params.extend(value for group in groups for value in group)
+        sql = f"SELECT {_ENDPOINT_COLUMNS} FROM endpoints"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        cursor = db.execute(sql + " ORDER BY serial", params)
+        names = [d[0] for d in cursor.description]
+        rows = []
+        for row in cursor:
+            data = _endpoint_dict(fleet, names, row)
+            if status is not None and data["status"] != status:
+                continue
+            if version is not None and not same_version(data["version"], version):
+                continue
+            rows.append(data)
+    return rows
+
+
+# One (type, version, last report) group; IS, because report_* are NULL until a report.
+_GROUP_TERM = "(type_key = ? AND version = ? AND report_state IS ? AND report_version IS ?)"
+# SQLite nests an OR chain one level per term (at most 1000 levels): past this
+# many groups, the rows are filtered in Python only.
+_MAX_GROUP_TERMS = 200
+
+
+def _groups_matching(db, fleet, where, params, status, version) -> list[tuple]:
+    sql = "SELECT DISTINCT type_key, version, report_state, report_version FROM endpoints"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    cursor = db.execute(sql + " ORDER BY serial", params)
-    names = [d[0] for d in cursor.description]
-    rows = []
-    for row in cursor:
-        data = _endpoint_dict(fleet, names, row)
-        if status is not None and data["status"] != status:
+    matching = []
+    for key, group_version, state, report_version in db.execute(sql, params):
+        if status is not None and fleet.status(key, group_version, state, report_version) != status:
             continue
-        if version is not None and not same_version(data["version"], version):
+        if version is not None and not same_version(group_version, version):
             continue
-        rows.append(data)
-    return rows
+        matching.append((key, group_version, state, report_version))
+    return matching
+
+
+@contextlib.contextmanager
+def _reading(db: sqlite_utils.Database) -> Iterator[None]:
+    """One read transaction around several queries, so they see one state of the fleet."""
+    if db.conn.in_transaction:
+        yield
+        return
+    db.conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        db.conn.execute("COMMIT")
 
 
 def get_endpoint(db: sqlite_utils.Database, fleet: FleetState, serial: str) -> dict:
@@ -261,22 +357,26 @@ def overview(db: sqlite_utils.Database, fleet: FleetState) -> list[dict]:
     One pass over a covering index grouped by (type, version, last report),
     so it stays fast with a million endpoints.
     """
-    groups = db.execute(
-        "SELECT type_key, min(type), version, report_state, report_version, count(*)"
-        " FROM endpoints GROUP BY type_key, version, report_state, report_version"
-    ).fetchall()
     result: dict[str, dict] = {}
     for key, kind in fleet.types.items():
         name = kind.policy.type if kind.policy else kind.packages[0].type
         result[key] = _overview_row(name, fleet, kind)
-    for key, name, version, state, report_version, count in groups:
-        row = result.get(key)
-        if row is None:
-            row = result[key] = _overview_row(name, fleet, fleet.of(name))
-        status = fleet.status(name, version, state, report_version)
-        row["counts"][status] += count
-        row["endpoints"] += count
-        row["_versions"][version] += count
+    with _reading(db):
+        # type is not in the index: reading it for every row would cost a table
+        # lookup per endpoint, so it is read only for types the fleet state lacks.
+        groups = db.execute(
+            "SELECT type_key, version, report_state, report_version, count(*)"
+            " FROM endpoints GROUP BY type_key, version, report_state, report_version"
+        ).fetchall()
+        for key, version, state, report_version, count in groups:
+            row = result.get(key)
+            if row is None:
+                name = _type_name(db, key, version, state, report_version)
+                row = result[key] = _overview_row(name, fleet, fleet.of(name))
+            status = fleet.status(key, version, state, report_version)
+            row["counts"][status] += count
+            row["endpoints"] += count
+            row["_versions"][version] += count
     rows = []
     for key in sorted(result):
         row = result[key]
@@ -291,6 +391,15 @@ def overview(db: sqlite_utils.Database, fleet: FleetState) -> list[dict]:
         )
         rows.append(row)
     return rows
+
+
+def _type_name(db, key: str, version: str, state: str | None, report_version: str | None) -> str:
+    """The name of a type with no policy or package: the least spelling in its first group."""
+    row = db.execute(
+        "SELECT min(type) FROM endpoints WHERE " + _GROUP_TERM,
+        (key, version, state, report_version),
+    ).fetchone()
+    return row[0] if row and row[0] is not None else key
 
 
 def _overview_row(name: str, fleet: FleetState, kind) -> dict:

@@ -8,8 +8,12 @@ without a query per poll for the policy.
 
 from __future__ import annotations
 
+import mmap
+import os
+import time
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import sqlite_utils
 
@@ -17,7 +21,7 @@ from dynupdate.core.decision import (
     Decision,
     DeviceState,
     Policy,
-    decide,
+    decide_for_target,
     is_satisfied,
     target_package,
 )
@@ -28,7 +32,14 @@ from dynupdate.core.policies import load_policies
 from dynupdate.core.versions import same_version
 from dynupdate.core.windows import Window
 
-__all__ = ["STATUSES", "FleetState", "TypeState", "current_generation", "load_fleet_state"]
+__all__ = [
+    "STATUSES",
+    "FleetCache",
+    "FleetState",
+    "TypeState",
+    "current_generation",
+    "load_fleet_state",
+]
 
 STATUSES = ("no-policy", "up-to-date", "pending", "in-progress", "failed")
 _IN_PROGRESS = frozenset({"downloading", "installing"})
@@ -55,7 +66,7 @@ class FleetState:
 
     def decide(self, device: DeviceState, now: datetime) -> Decision:
         kind = self.of(device.type)
-        return decide(kind.policy, kind.packages, self.window, device, now)
+        return decide_for_target(kind.policy, kind.target, self.window, device, now)
 
     def status(
         self, type_: str, version: str, report_state: str | None, report_version: str | None
@@ -96,3 +107,90 @@ def load_fleet_state(db: sqlite_utils.Database) -> FleetState:
         packages = tuple(by_type.get(key, ()))
         types[key] = TypeState(policy, packages, target_package(policy, packages))
     return FleetState(generation, types, window)
+
+
+class FleetCache:
+    """The :class:`FleetState` of one database, reloaded only when its generation moved.
+
+    Reading ``config_generation`` costs a read transaction, too much for every
+    poll. Every commit, by any connection or process, rewrites the header of
+    SQLite's WAL index (the ``-shm`` file, https://www.sqlite.org/walformat.html:
+    its change counter goes up), so while that header stays the same nothing
+    was committed and the cached state is still current; when it moved (endpoint
+    writes move it too) the generation is read as before. The header is read
+    from a read-only mapping of the file, as SQLite itself reads it: no system
+    call. ``db`` must stay open while the cache is used: an open connection is
+    what keeps SQLite from removing or resetting the ``-shm`` file; and the cache
+    must be closed only after every connection of the process to that database
+    (closing the file drops the process's locks on it). Without that
+    file (another journal mode) every call reads the generation, and so does
+    the first call after ``RECHECK`` seconds, whatever the header says.
+
+    >>> cache = FleetCache(db, path_of_db)                  # doctest: +SKIP
+    >>> cache.get().generation                              # doctest: +SKIP
+    7
+    """
+
+    _HEADER = 48  # one copy of the WAL-index header; SQLite keeps two, back to back
+    RECHECK = 1.0
+
+    def __init__(self, db: sqlite_utils.Database, path: Path | str) -> None:
+        self._db = db
+        self._state: FleetState | None = None
+        self._seen: bytes | None = None
+        self._checked = 0.0
+        self._map: mmap.mmap | None = None
+        # Kept open until close(): closing any descriptor of the file drops every
+        # POSIX lock this process holds on it, SQLite's own included (its lock
+        # that tells other processes the file is in use and must not be reset).
+        try:
+            self._fd: int | None = os.open(f"{path}-shm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._fd = None
+            return
+        try:
+            if os.fstat(self._fd).st_size >= 2 * self._HEADER:
+                self._map = mmap.mmap(self._fd, 2 * self._HEADER, prot=mmap.PROT_READ)
+        except (OSError, ValueError):
+            self._map = None
+
+    def get(self) -> FleetState:
+        """The current state: cached, or reloaded if anyone changed the configuration."""
+        header = self._header()
+        state = self._state
+        if (
+            header is not None
+            and header == self._seen
+            and state is not None
+            and time.monotonic() - self._checked < self.RECHECK
+        ):
+            return state
+        # The header was read before the generation, so a commit after that
+        # read moves the header again and the next call looks again.
+        generation = current_generation(self._db)
+        if state is None or state.generation != generation:
+            state = self._state = load_fleet_state(self._db)
+        self._seen = header
+        self._checked = time.monotonic()
+        return state
+
+    def close(self) -> None:
+        """Unmap and close the ``-shm`` file: only once every connection of this process
+        to the database is closed (see ``__init__``)."""
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _header(self) -> bytes | None:
+        if self._map is None:
+            return None
+        data = self._map[: 2 * self._HEADER]
+        # Both copies equal (SQLite writes one, then the other) and initialised:
+        # anything else is a header being written, or none, so look in the database.
+        first = data[: self._HEADER]
+        if first != data[self._HEADER :] or first[12] != 1:
+            return None
+        return first

@@ -30,6 +30,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -109,6 +110,9 @@ use only letters, digits and . _ + ~ ! -.
     return text
 
 
+# A fleet runs a few dozen versions and every poll and status compares them:
+# parsing is the costly part, so keys are kept (they are immutable).
+@functools.lru_cache(maxsize=8192)
 def version_key(text: str) -> VersionKey:
     """The key that orders ``text`` among versions; defined for every string.
 
@@ -157,7 +161,7 @@ def same_version(a: str, b: str) -> bool:
     >>> same_version("7.0.0rc1", "7.0.0")
     False
     """
-    return version_key(a) == version_key(b)
+    return a == b or version_key(a) == version_key(b)
 
 
 def newest(versions: Iterable[str]) -> str | None:

@@ -1,0 +1,850 @@
+"""The endpoint's side of SPEC section 3: HTTP/1.1 over TLS, one connection per request.
+
+Real devices open a new connection for every poll, report and download, and
+so does :class:`EndpointClient`. Responses are parsed with ``httptools``
+(never by hand) and XML answers with a hardened lxml parser (no DTD, no
+entities, no network); requests are built with lxml, so every value is escaped.
+
+The server is trusted by a CA file, by the system's trust store, or by a
+pinned certificate: the SHA-256 of its DER bytes, which ``dynupdate serve``
+prints. A pinned connection skips chain and hostname checks and compares the
+fingerprint right after the handshake, before a byte of the request is sent.
+
+>>> client = EndpointClient("https://127.0.0.1:8443", pin="AB:" * 31 + "CD")
+>>> client.poll_url
+'https://127.0.0.1:8443/poll'
+>>> EndpointClient("ftp://example.com")
+Traceback (most recent call last):
+...
+dynupdate.core.errors.InvalidInput: Invalid server URL 'ftp://example.com': use https://HOST[:PORT].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import hashlib
+import re
+import ssl
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import SplitResult, urlsplit
+
+import httptools
+from lxml import etree
+
+from dynupdate import protocol
+from dynupdate.core.errors import DynupdateError, InvalidInput
+from dynupdate.protocol import NoOffer, Offer
+from dynupdate.tls import normalize_fingerprint
+
+__all__ = [
+    "ClientStats",
+    "EndpointClient",
+    "EndpointError",
+    "Exchange",
+    "PollAnswer",
+    "parse_poll_response",
+    "poll_document",
+    "report_document",
+]
+
+MAX_ANSWER = 1 << 20  # bytes of an XML answer
+MAX_HEAD = 64 * 1024  # bytes of a response's status line and headers
+DEFAULT_POLL_INTERVAL = 3600
+_READ = 256 * 1024
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+_REPORT_TRIES = 3
+
+
+class EndpointError(DynupdateError):
+    """A request or an update step that failed; ``kind`` names the failure for counting.
+
+    Kinds: ``connect``, ``timeout``, ``tls``, ``pin-mismatch``, ``reset`` (the
+    connection ended early), ``bad-response``, ``http-<status>``, ``too-large``
+    (more bytes than announced), ``size-mismatch``, ``sha256-mismatch``,
+    ``storage`` (the device's disk), ``install``.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True, slots=True)
+class PollAnswer:
+    """A parsed ``<pollResponse>``: one answer per device, in the poll's order."""
+
+    poll_interval: int
+    server_time: datetime
+    answers: tuple[Offer | NoOffer, ...]
+
+    def for_serial(self, serial: str) -> Offer | NoOffer | None:
+        return next((a for a in self.answers if a.serial == serial), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One request as it went, for ``trace``: what was asked and what came back."""
+
+    method: str
+    url: str
+    request_headers: dict[str, str]
+    status: int | None
+    response_headers: dict[str, str]
+    received: int  # body bytes
+    error: str | None = None  # an EndpointError kind
+
+
+@dataclass
+class ClientStats:
+    """Counters shared by every endpoint that uses one client."""
+
+    requests: int = 0
+    connections: int = 0  # TLS connections opened
+    polls: int = 0
+    reports: int = 0
+    downloads: int = 0
+    heads: int = 0
+    bytes_downloaded: int = 0
+    errors: Counter = field(default_factory=Counter)
+
+
+# -- documents ----------------------------------------------------------------------------
+
+
+def _document(root: etree._Element) -> bytes:
+    return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
+
+
+def poll_document(endpoint: protocol.PollEndpoint, peripherals: Sequence[protocol.Device]) -> bytes:
+    """The ``<poll>`` body for an endpoint and its peripherals.
+
+    >>> poll_document(protocol.PollEndpoint("A1", "Trio", "7.2", tz="UTC"), []).decode()[39:]
+    '<poll protocol="1"><endpoint serial="A1" type="Trio" version="7.2" tz="UTC" \
+in-call="false"/></poll>'
+    """
+    root = etree.Element("poll", protocol=protocol.PROTOCOL)
+    attributes = {"serial": endpoint.serial, "type": endpoint.type, "version": endpoint.version}
+    for name in ("model", "mac", "tz"):
+        value = getattr(endpoint, name)
+        if value:
+            attributes[name] = value
+    attributes["in-call"] = "true" if endpoint.in_call else "false"
+    etree.SubElement(root, "endpoint", attributes)
+    for device in peripherals:
+        etree.SubElement(
+            root, "peripheral", serial=device.serial, type=device.type, version=device.version
+        )
+    return _document(root)
+
+
+def report_document(reports: Sequence[protocol.DeviceReport]) -> bytes:
+    """The ``<report>`` body; ``detail`` only when there is one."""
+    root = etree.Element("report", protocol=protocol.PROTOCOL)
+    for r in reports:
+        attributes = {"serial": r.serial, "type": r.type, "version": r.version, "state": r.state}
+        if r.detail:
+            attributes["detail"] = r.detail[: protocol.MAX_DETAIL]
+        etree.SubElement(root, "device", attributes)
+    return _document(root)
+
+
+_local = threading.local()
+
+
+def _parser() -> etree.XMLParser:
+    try:
+        return _local.parser
+    except AttributeError:
+        _local.parser = etree.XMLParser(
+            resolve_entities=False,
+            no_network=True,
+            load_dtd=False,
+            dtd_validation=False,
+            remove_comments=True,
+            remove_pis=True,
+            huge_tree=False,
+            collect_ids=False,
+        )
+        return _local.parser
+
+
+def _load(body: bytes, name: str) -> etree._Element:
+    if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
+        raise EndpointError("bad-response", "The server's answer has a DOCTYPE; refused.")
+    try:
+        root = etree.fromstring(body, _parser())
+    except etree.XMLSyntaxError as e:
+        raise EndpointError("bad-response", f"The server's answer is not XML: {e.msg}.") from None
+    if root.tag != name or root.get("protocol") != protocol.PROTOCOL:
+        raise EndpointError(
+            "bad-response", f'Expected <{name} protocol="1">, got <{str(root.tag)[:40]}>.'
+        )
+    return root
+
+
+def _time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _attribute(element: etree._Element, name: str) -> str:
+    value = element.get(name)
+    if not value:
+        raise EndpointError("bad-response", f"<{element.tag}> lacks attribute {name}.")
+    return value
+
+
+def parse_poll_response(body: bytes) -> PollAnswer:
+    """The :class:`PollAnswer` in a ``<pollResponse>``; unknown elements are ignored.
+
+    >>> answer = parse_poll_response(b'<pollResponse protocol="1" pollInterval="60" '
+    ...     b'serverTime="2026-11-27T16:00:00Z"><noUpdate serial="A1" type="Trio" '
+    ...     b'reason="outside-window" retryAt="2026-11-27T22:10:00Z"/><future/></pollResponse>')
+    >>> answer.poll_interval, answer.answers[0].retry_at.isoformat()
+    (60, '2026-11-27T22:10:00+00:00')
+    """
+    root = _load(body, "pollResponse")
+    try:
+        interval = int(root.get("pollInterval", ""))
+    except ValueError:
+        interval = DEFAULT_POLL_INTERVAL
+    interval = min(max(interval, 1), 7 * 86400)
+    server_time = _time(root.get("serverTime")) or datetime.now(UTC)
+    answers: list[Offer | NoOffer] = []
+    for element in root:
+        if element.tag == "update":
+            try:
+                size = int(_attribute(element, "size"))
+            except ValueError:
+                size = -1
+            sha256 = _attribute(element, "sha256")
+            url = _attribute(element, "url")
+            if size < 0 or not _SHA256.fullmatch(sha256) or not url.startswith("https://"):
+                raise EndpointError(
+                    "bad-response",
+                    f"<update> for {element.get('serial')!r} has a bad size, sha256 or url.",
+                )
+            answers.append(
+                Offer(
+                    _attribute(element, "serial"),
+                    _attribute(element, "type"),
+                    _attribute(element, "version"),
+                    size,
+                    sha256.lower(),
+                    element.get("name") or sha256.lower(),
+                    url,
+                )
+            )
+        elif element.tag == "noUpdate":
+            answers.append(
+                NoOffer(
+                    _attribute(element, "serial"),
+                    element.get("type", ""),
+                    _attribute(element, "reason"),
+                    _time(element.get("retryAt")),
+                )
+            )
+    return PollAnswer(interval, server_time, tuple(answers))
+
+
+def _error_message(body: bytes) -> str:
+    """The message of an ``<error>`` answer, if that is what ``body`` is."""
+    with contextlib.suppress(Exception):
+        if b"<!DOCTYPE" not in body and b"<!ENTITY" not in body:
+            root = etree.fromstring(body, _parser())
+            if root.tag == "error":
+                return f"{root.get('code')}: {root.get('message')}"
+    return ""
+
+
+# -- HTTP ---------------------------------------------------------------------------------
+
+
+class _Receiver:
+    """Where a response body goes: a bounded buffer by default."""
+
+    def __init__(self, limit: int = MAX_ANSWER) -> None:
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def begin(self, status: int, headers: dict[str, str]) -> None:
+        length = headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.limit:
+            raise EndpointError("too-large", f"An answer of {length} bytes; at most {self.limit}.")
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise EndpointError("too-large", f"An answer longer than {self.limit} bytes.")
+        self.chunks.append(data)
+
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+class _Response:
+    """httptools callbacks: the status, the headers, and the body handed to a receiver."""
+
+    __slots__ = (
+        "complete",
+        "head_only",
+        "headers",
+        "keep_alive",
+        "parser",
+        "received",
+        "receiver",
+        "status",
+    )
+
+    def __init__(self, receiver: _Receiver, head_only: bool) -> None:
+        self.receiver = receiver
+        self.head_only = head_only
+        self.headers: dict[str, str] = {}
+        self.status: int | None = None
+        self.complete = False
+        self.keep_alive = False  # read in the callbacks: the parser forgets it afterwards
+        self.received = 0
+        self.parser: httptools.HttpResponseParser | None = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
+        self.receiver.begin(self.status, self.headers)
+        if self.head_only:
+            self.complete = True  # a HEAD answer has no body, whatever Content-Length says
+
+    def on_body(self, body: bytes) -> None:
+        self.received += len(body)
+        self.receiver.write(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    host: str
+    port: int
+    netloc: str
+    path: str  # with the query, as sent on the request line
+
+    @classmethod
+    def parse(cls, url: str, what: str) -> _Target:
+        try:
+            parts: SplitResult = urlsplit(url)
+            port = parts.port or 443
+            host = parts.hostname
+        except ValueError:
+            host = None
+            parts = None
+        if parts is None or parts.scheme != "https" or not host or parts.username is not None:
+            shown = url if len(url) <= 120 else url[:117] + "..."
+            raise InvalidInput(f"Invalid {what} {shown!r}: use https://HOST[:PORT].")
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        return cls(host, port, parts.netloc, path)
+
+
+class EndpointClient:
+    """Talks to one dynupdate server as an endpoint would; share one among many endpoints.
+
+    ``url`` is the server's base URL (``https://host:8443``; a path prefix is
+    kept, for servers behind a proxy). Trust ``cafile``, or ``pin`` the
+    server certificate's SHA-256 fingerprint (hex, either case, colons
+    optional), or neither for the system trust store. ``max_connections``
+    bounds the connections open at once (a fleet in one process);
+    ``timeout`` bounds connecting and each wait for data, in seconds.
+    ``trace`` is called with an :class:`Exchange` after every request.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        cafile: str | Path | None = None,
+        pin: str | None = None,
+        timeout: float = 30.0,
+        max_connections: int | None = None,
+        trace: Callable[[Exchange], None] | None = None,
+        user_agent: str = "dynupdate-endpoint/1",
+    ) -> None:
+        base = _Target.parse(url, "server URL")
+        if cafile is not None and pin is not None:
+            raise InvalidInput("Give a CA file or a pinned fingerprint, not both.")
+        self.url = url.rstrip("/")
+        prefix = base.path.split("?")[0].rstrip("/")
+        self.poll_url = f"https://{base.netloc}{prefix}/poll"
+        self.report_url = f"https://{base.netloc}{prefix}/report"
+        self.pin = normalize_fingerprint(pin) if pin is not None else None
+        self.context = _context(cafile, self.pin is not None)
+        self.timeout = timeout
+        self.trace = trace
+        self.user_agent = user_agent
+        self.stats = ClientStats()
+        self._slots = asyncio.Semaphore(max_connections) if max_connections else None
+        self._links: dict | None = None  # a session's open connections by (host, port)
+        self._held = False  # a session holds one of the connection slots
+
+    # -- the protocol --------------------------------------------------------------------
+
+    async def poll(
+        self, endpoint: protocol.PollEndpoint, peripherals: Sequence[protocol.Device] = ()
+    ) -> PollAnswer:
+        """``POST /poll``; the parsed answer, or :class:`EndpointError`."""
+        self.stats.polls += 1
+        status, _, body = await self._call(
+            "POST", self.poll_url, poll_document(endpoint, peripherals)
+        )
+        if status != 200:
+            raise self._count(_http_error("poll", status, body))
+        try:
+            return parse_poll_response(body)
+        except EndpointError as e:
+            raise self._count(e) from None
+
+    async def probe(self) -> None:
+        """``HEAD /poll``, which registers nothing: raises unless a dynupdate server answers.
+
+        A wrong address, an untrusted certificate or a pin mismatch fails here,
+        once, before a fleet starts.
+        """
+        status, _, _ = await self._call("HEAD", self.poll_url, None)
+        if status != 405:
+            raise self._count(
+                EndpointError(
+                    f"http-{status}",
+                    f"{self.url} answered HTTP {status} to HEAD /poll, not 405: "
+                    "is it a dynupdate server?",
+                )
+            )
+
+    async def report(self, reports: Sequence[protocol.DeviceReport]) -> None:
+        """``POST /report``, retried (on 503 and lost connections) until the server has it."""
+        document = report_document(reports)
+        for attempt in range(_REPORT_TRIES):
+            self.stats.reports += 1
+            try:
+                status, headers, body = await self._call("POST", self.report_url, document)
+            except EndpointError as e:
+                if attempt + 1 == _REPORT_TRIES or e.kind in ("tls", "pin-mismatch"):
+                    raise
+                await asyncio.sleep(0.5 * 2**attempt)
+                continue
+            if status == 200:
+                return
+            error = self._count(_http_error("report", status, body))
+            if status != 503 or attempt + 1 == _REPORT_TRIES:
+                raise error
+            retry = headers.get("retry-after", "1")
+            await asyncio.sleep(min(int(retry), 5) if retry.isdigit() else 1)
+
+    async def check(self, offer: Offer) -> None:
+        """``HEAD`` the package: its size and hash headers must match the offer.
+
+        The hash header is the ``ETag``, which the server sets to the quoted SHA-256.
+        """
+        self.stats.heads += 1
+        status, headers, body = await self._call("HEAD", offer.url, None)
+        if status != 200:
+            raise self._count(_http_error("package", status, body))
+        length = headers.get("content-length", "")
+        if length != str(offer.size):
+            raise self._count(
+                EndpointError(
+                    "size-mismatch",
+                    f"The package is {length or 'of unknown size'} bytes; "
+                    f"{offer.size} were announced.",
+                )
+            )
+        tag = headers.get("etag", "").strip('"').lower()
+        if tag != offer.sha256:
+            raise self._count(
+                EndpointError(
+                    "sha256-mismatch", f"The package's ETag {tag[:64]!r} is not its SHA-256."
+                )
+            )
+
+    async def download(self, offer: Offer, directory: Path, *, tries: int = 3) -> Path:
+        """Fetch the package into ``directory``, resuming, and return the verified file.
+
+        Bytes go to ``<sha256>.part`` (its ETag beside it in ``<sha256>.etag``);
+        a later call resumes it with ``Range`` and ``If-Range``. A body longer
+        than the announced size, a short one and a wrong SHA-256 raise
+        :class:`EndpointError`, and what was received is deleted. A lost
+        connection is resumed at once, up to ``tries`` requests in all; the
+        partial file is kept when they run out, for the next attempt.
+        """
+        directory.mkdir(parents=True, exist_ok=True)
+        part = directory / f"{offer.sha256}.part"
+        tag_file = directory / f"{offer.sha256}.etag"
+        for attempt in range(tries):
+            try:
+                await self._fetch(offer, part, tag_file)
+                break
+            except EndpointError as e:
+                # What was received stays for the next attempt unless it was refused
+                # (the receiver deletes it then).
+                if e.kind in ("reset", "timeout") and attempt + 1 < tries:
+                    continue
+                raise
+        received = part.stat().st_size
+        if received != offer.size:
+            _discard(part, tag_file)
+            raise self._count(
+                EndpointError(
+                    "size-mismatch",
+                    f"Received {received} bytes of {offer.name}; {offer.size} were announced.",
+                )
+            )
+        digest = await asyncio.get_running_loop().run_in_executor(None, _sha256_of, part)
+        if digest != offer.sha256:
+            _discard(part, tag_file)
+            raise self._count(
+                EndpointError(
+                    "sha256-mismatch",
+                    f"{offer.name} has SHA-256 {digest}, not the announced {offer.sha256}; "
+                    "deleted.",
+                )
+            )
+        final = directory / offer.sha256
+        part.replace(final)
+        tag_file.unlink(missing_ok=True)
+        return final
+
+    async def _fetch(self, offer: Offer, part: Path, tag_file: Path) -> None:
+        have = part.stat().st_size if part.exists() else 0
+        tag = tag_file.read_text().strip() if tag_file.exists() else ""
+        if have > offer.size or (have and not tag):
+            have = 0  # nothing to resume safely
+        if have and have == offer.size:
+            return
+        headers = {}
+        if have:
+            headers = {"Range": f"bytes={have}-", "If-Range": tag}
+        receiver = _FileReceiver(part, tag_file, have, offer.size, self.stats)
+        self.stats.downloads += 1
+        try:
+            status, _, body = await self._call("GET", offer.url, None, headers, receiver)
+        finally:
+            receiver.close()
+        if status == 416 and have:
+            _discard(part, tag_file)  # the server no longer knows our range: start over
+            raise self._count(EndpointError("reset", "The resumed range was refused."))
+        if status not in (200, 206):
+            raise self._count(_http_error("package", status, body))
+
+    # -- the transport -------------------------------------------------------------------
+
+    def _count(self, error: EndpointError) -> EndpointError:
+        self.stats.errors[error.kind] += 1
+        return error
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def session(self) -> EndpointClient:
+        """This client for one poll cycle: its requests share one connection per host.
+
+        Use it as ``async with client.session() as link:``. The first request
+        opens a connection (and takes one of ``max_connections``); the
+        reports and the download of the cycle reuse it; leaving the block, or
+        :meth:`release`, closes it. Statistics, trust and the connection
+        bound are shared with the client.
+        """
+        view = copy.copy(self)
+        view._links = {}
+        view._held = False
+        return view
+
+    async def __aenter__(self) -> EndpointClient:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Close a session's connections and give back its connection slot; it may go on."""
+        for reader_writer in (self._links or {}).values():
+            reader_writer[1].transport.abort()
+        if self._links:
+            self._links.clear()
+        if self._held:
+            self._held = False
+            self._slots.release()
+
+    # -- the transport -------------------------------------------------------------------
+
+    async def _call(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        headers: dict[str, str] | None = None,
+        receiver: _Receiver | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        receiver = receiver if receiver is not None else _Receiver()
+        try:
+            target = _Target.parse(url, "URL")
+        except InvalidInput as e:
+            raise self._count(EndpointError("bad-response", str(e))) from None
+        sent = {"Host": target.netloc, "User-Agent": self.user_agent, **(headers or {})}
+        if body is not None:
+            sent["Content-Type"] = "application/xml"
+        self.stats.requests += 1
+        response = _Response(receiver, head_only=method == "HEAD")
+        error: EndpointError | None = None
+        try:
+            if self._links is not None:  # a session: one slot for the whole cycle
+                if self._slots is not None and not self._held:
+                    await self._slots.acquire()
+                    self._held = True
+                await self._exchange(method, target, sent, body, response)
+            elif self._slots is None:
+                await self._exchange(method, target, sent, body, response)
+            else:
+                async with self._slots:
+                    await self._exchange(method, target, sent, body, response)
+        except EndpointError as e:
+            error = self._count(e)
+            raise
+        finally:
+            if self.trace is not None:
+                self.trace(
+                    Exchange(
+                        method,
+                        url,
+                        sent,
+                        response.status,
+                        dict(response.headers),
+                        response.received,
+                        error.kind if error else None,
+                    )
+                )
+        result = receiver.body()
+        return response.status or 0, response.headers, result
+
+    async def _exchange(
+        self,
+        method: str,
+        target: _Target,
+        headers: dict[str, str],
+        body: bytes | None,
+        response: _Response,
+    ) -> None:
+        keep = self._links is not None
+        lines = [f"{method} {target.path} HTTP/1.1"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        lines.append(f"Content-Length: {len(body or b'')}")
+        if not keep:
+            lines.append("Connection: close")
+        request = "\r\n".join([*lines, "", ""]).encode("latin-1") + (body or b"")
+        key = (target.host, target.port)
+        link = self._links.pop(key, None) if keep else None
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.timeout) as deadline:
+                if link is not None and not link[0].at_eof():
+                    try:
+                        await self._roundtrip(link, request, response, deadline, loop)
+                    except _Stale:
+                        link[1].transport.abort()  # the server closed it while idle
+                        link = None
+                if link is None:
+                    link = await self._connect(target)
+                    await self._roundtrip(link, request, response, deadline, loop)
+        except TimeoutError:
+            raise EndpointError(
+                "timeout", f"{target.netloc} did not answer within {self.timeout:g} s."
+            ) from None
+        except (ConnectionError, ssl.SSLError, _Stale) as e:
+            raise EndpointError("reset", f"The connection to {target.netloc} broke: {e}.") from None
+        finally:
+            if link is not None:
+                if keep and response.complete and response.keep_alive:
+                    self._links[key] = link
+                else:
+                    link[1].transport.abort()  # all was read; no TLS goodbye is needed
+
+    async def _connect(self, target: _Target) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        self.stats.connections += 1
+        try:
+            reader, writer = await asyncio.open_connection(
+                target.host,
+                target.port,
+                ssl=self.context,
+                server_hostname=target.host,
+                ssl_handshake_timeout=self.timeout,
+            )
+        except ssl.SSLCertVerificationError as e:
+            raise EndpointError(
+                "tls", f"The server certificate is not trusted: {e.verify_message}."
+            ) from None
+        except ssl.SSLError as e:
+            raise EndpointError("tls", f"TLS failed: {e.reason or e}.") from None
+        except OSError as e:
+            raise EndpointError(
+                "connect", f"Cannot connect to {target.netloc}: {e.strerror or e}."
+            ) from None
+        if self.pin is not None:
+            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            got = hashlib.sha256(der or b"").hexdigest()
+            if got != self.pin:
+                writer.transport.abort()
+                raise EndpointError(
+                    "pin-mismatch",
+                    f"The server certificate's SHA-256 fingerprint is {got}, not the pinned "
+                    f"{self.pin}; refused.",
+                )
+        return reader, writer
+
+    async def _roundtrip(self, link, request: bytes, response: _Response, deadline, loop) -> None:
+        """Send one request on ``link`` and read its whole answer into ``response``.
+
+        Raises :class:`_Stale` when the connection ends before the first byte
+        of the answer (a reused connection the server had closed).
+        """
+        reader, writer = link
+        writer.write(request)
+        parser = httptools.HttpResponseParser(response)
+        response.parser = parser
+        head = 0
+        while not response.complete:
+            try:
+                data = await reader.read(_READ)
+            except ConnectionError:
+                if head == 0:
+                    raise _Stale("closed before answering") from None
+                raise
+            if not data:
+                if head == 0:
+                    raise _Stale("closed before answering")
+                raise EndpointError("reset", "The server closed the connection mid-answer.")
+            if response.status is None and head + len(data) > MAX_HEAD + MAX_ANSWER:
+                raise EndpointError("bad-response", "The answer's head is too long.")
+            head += len(data)
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserCallbackError as e:
+                if isinstance(e.__context__, EndpointError):
+                    raise e.__context__ from None
+                raise
+            except httptools.HttpParserError as e:
+                raise EndpointError("bad-response", f"Not an HTTP answer: {e}.") from None
+            deadline.reschedule(loop.time() + self.timeout)  # a deadline per read
+
+
+class _Stale(Exception):
+    """A kept connection was closed by the server before it answered: open another."""
+
+
+class _FileReceiver(_Receiver):
+    """A download body into ``part``: appended on 206, restarted on 200, never past ``size``."""
+
+    def __init__(self, part: Path, tag_file: Path, have: int, size: int, stats: ClientStats):
+        super().__init__()
+        self.part, self.tag_file, self.stats = part, tag_file, stats
+        self.have, self.size = have, size
+        self.file: BinaryIO | None = None
+
+    def begin(self, status: int, headers: dict[str, str]) -> None:
+        if status == 206:
+            match = _CONTENT_RANGE.fullmatch(headers.get("content-range", ""))
+            if match is None or int(match[1]) != self.have or int(match[3]) != self.size:
+                _discard(self.part, self.tag_file)
+                raise EndpointError(
+                    "bad-response",
+                    f"Asked for bytes {self.have}- of {self.size}; got "
+                    f"{headers.get('content-range', 'no Content-Range')!r}.",
+                )
+            mode = "ab" if self.have else "wb"  # bytes 0- although not asked for: restart
+            self.file = open(self.part, mode)  # noqa: SIM115 -- closed by close()
+        elif status == 200:
+            length = headers.get("content-length", "")
+            if length.isdigit() and int(length) > self.size:
+                _discard(self.part, self.tag_file)
+                raise EndpointError(
+                    "too-large",
+                    f"The package is {length} bytes; {self.size} were announced. Refused.",
+                )
+            self.have = 0
+            tag = headers.get("etag", "")
+            if tag.startswith('"'):
+                self.tag_file.write_text(tag)
+            else:
+                self.tag_file.unlink(missing_ok=True)
+            self.file = open(self.part, "wb")  # noqa: SIM115 -- closed by close()
+        # Any other status: an error document, kept in memory (bounded) by the base class.
+
+    def write(self, data: bytes) -> None:
+        if self.file is None:
+            super().write(data)
+            return
+        if self.have + len(data) > self.size:
+            self.close()
+            _discard(self.part, self.tag_file)
+            raise EndpointError(
+                "too-large", f"The server sent more than the announced {self.size} bytes. Refused."
+            )
+        self.file.write(data)
+        self.have += len(data)
+        self.stats.bytes_downloaded += len(data)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _discard(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _http_error(what: str, status: int, body: bytes) -> EndpointError:
+    message = _error_message(body)
+    shown = f" ({message})." if message else "."
+    return EndpointError(f"http-{status}", f"The {what} request got HTTP {status}{shown}")
+
+
+def _context(cafile: str | Path | None, pinned: bool) -> ssl.SSLContext:
+    if pinned:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # the pin is checked after the handshake
+    else:
+        try:
+            context = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+        except (OSError, ssl.SSLError) as e:
+            reason = getattr(e, "strerror", None) or getattr(e, "reason", None) or e
+            raise InvalidInput(f"Cannot use the CA file '{cafile}': {reason}.") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    return context

@@ -1,0 +1,348 @@
+"""The reference endpoint: what a device does with the protocol, step by step.
+
+An :class:`Endpoint` polls with its peripherals, waits ``pollInterval`` (or
+until ``retryAt``, whichever comes first) with its own jitter, never polls
+while in a call and polls as soon as the call ends. For every ``<update>`` it
+reports ``downloading``, downloads (resuming) and verifies the package,
+reports ``installing``, installs (after the call, if one started meanwhile)
+and reports ``installed`` with the new version, or ``failed`` with a detail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import re
+import tempfile
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dynupdate import protocol
+from dynupdate.endpoint.client import (
+    DEFAULT_POLL_INTERVAL,
+    EndpointClient,
+    EndpointError,
+    PollAnswer,
+)
+from dynupdate.protocol import NoOffer, Offer
+
+__all__ = ["DOWNLOAD_MODES", "STATUSES", "Device", "Endpoint", "Installer"]
+
+WAITING = "waiting"  # has not had an answer yet
+NO_POLICY = "no-policy"
+UP_TO_DATE = "up-to-date"
+PENDING = "pending"  # should update and has not started (offered, outside window, in call)
+IN_PROGRESS = "in-progress"
+FAILED = "failed"
+STATUSES = (WAITING, NO_POLICY, UP_TO_DATE, PENDING, IN_PROGRESS, FAILED)
+DOWNLOAD_MODES = ("full", "head")
+_SAFE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass(eq=False)
+class Device:
+    """One device as the endpoint sees it: itself or a peripheral.
+
+    ``status`` is one of :data:`STATUSES`; ``target`` the version last
+    offered; ``detail`` why the last update failed.
+    """
+
+    serial: str
+    type: str
+    version: str
+    status: str = WAITING
+    target: str | None = None
+    detail: str | None = None
+
+
+Installer = Callable[[Device, Offer, Path | None], Awaitable[None]]
+"""Installs a verified package (``None`` with ``download="head"``); raises to fail."""
+
+
+async def _no_install(device: Device, offer: Offer, path: Path | None) -> None:
+    return None
+
+
+class Endpoint:
+    """A device that polls a dynupdate server and updates itself and its peripherals.
+
+    ``download`` is ``"full"`` (fetch and verify every byte into ``workdir``)
+    or ``"head"`` (check the size and hash headers only, for rehearsals at
+    scale). ``poll_interval`` overrides the server's ``pollInterval``
+    (seconds); ``jitter`` spreads each wait by ± that share. An update that
+    failed ``max_attempts`` times (a bad size or hash, or the install; not
+    the network) is not tried again until the server offers another package.
+    ``on_status(device, old_status)`` is called on every change of a
+    device's status.
+    """
+
+    def __init__(
+        self,
+        serial: str,
+        type: str,
+        version: str,
+        *,
+        peripherals: Sequence[Device] = (),
+        model: str | None = None,
+        mac: str | None = None,
+        tz: str | None = None,
+        download: str = "full",
+        workdir: Path | None = None,
+        installer: Installer | None = None,
+        poll_interval: float | None = None,
+        jitter: float = 0.1,
+        max_attempts: int = 3,
+        rng: random.Random | None = None,
+        on_status: Callable[[Device, str], None] | None = None,
+    ) -> None:
+        if download not in DOWNLOAD_MODES:
+            raise ValueError(f"download must be one of {DOWNLOAD_MODES}, not {download!r}")
+        self.device = Device(serial, type, version)
+        self.peripherals = list(peripherals)
+        self.model, self.mac, self.tz = model, mac, tz
+        self.download = download
+        self.workdir = workdir
+        self.installer = installer or _no_install
+        self.poll_interval = poll_interval
+        self.jitter = jitter
+        self.max_attempts = max_attempts
+        self.rng = rng or random.Random()
+        self.on_status = on_status
+        self.last_answer: PollAnswer | None = None
+        self.polls = 0
+        self._server_interval = DEFAULT_POLL_INTERVAL
+        self._failures: dict[tuple[str, str], int] = {}  # (serial, sha256) → failed attempts
+        self._free = asyncio.Event()  # set while not in a call
+        self._free.set()
+        self._wake = asyncio.Event()  # a call ended, or stop()
+        self._stopping = False
+
+    @property
+    def serial(self) -> str:
+        return self.device.serial
+
+    @property
+    def devices(self) -> list[Device]:
+        """The endpoint itself, then its peripherals, in poll order."""
+        return [self.device, *self.peripherals]
+
+    # -- calls -----------------------------------------------------------------------------
+
+    @property
+    def in_call(self) -> bool:
+        return not self._free.is_set()
+
+    def start_call(self) -> None:
+        """From now on no poll is sent, and no install starts, until :meth:`end_call`."""
+        self._free.clear()
+
+    def end_call(self) -> None:
+        """The call is over: poll at once."""
+        if not self._free.is_set():
+            self._free.set()
+            self._wake.set()
+
+    def stop(self) -> None:
+        """Make :meth:`run` return after the step it is in."""
+        self._stopping = True
+        self._wake.set()
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def run(self, client: EndpointClient, *, first_delay: float = 0.0) -> None:
+        """Poll and update until :meth:`stop` (or cancellation)."""
+        delay = first_delay
+        errors = 0
+        while not self._stopping:
+            if delay > 0:
+                await self._sleep(delay)
+            if self._stopping:
+                break
+            if self.in_call:
+                self._wake.clear()
+                await self._wake.wait()  # end_call() or stop()
+                delay = 0.0
+                continue
+            try:
+                answer = await self.poll_once(client)
+            except EndpointError:
+                errors += 1
+                delay = self._spread(min(self._interval(), 5.0 * 2 ** min(errors - 1, 10)))
+                continue
+            errors = 0
+            delay = self._next_delay(answer)
+
+    async def poll_once(self, client: EndpointClient) -> PollAnswer:
+        """One poll and the updates it offers; the answer, or :class:`EndpointError`."""
+        endpoint = protocol.PollEndpoint(
+            self.device.serial,
+            self.device.type,
+            self.device.version,
+            self.model,
+            self.mac,
+            self.tz,
+            in_call=False,  # never polls in a call, so never says it is in one
+        )
+        peripherals = [protocol.Device(p.serial, p.type, p.version) for p in self.peripherals]
+        self.polls += 1
+        async with client.session() as link:  # one connection for the poll and what follows
+            return await self._cycle(link, endpoint, peripherals)
+
+    async def _cycle(
+        self,
+        link: EndpointClient,
+        endpoint: protocol.PollEndpoint,
+        peripherals: list[protocol.Device],
+    ) -> PollAnswer:
+        answer = await link.poll(endpoint, peripherals)
+        self.last_answer = answer
+        self._server_interval = answer.poll_interval
+        offers = []
+        for position, device in enumerate(self.devices):
+            item = answer.for_serial(device.serial)
+            if item is None and position < len(answer.answers):
+                item = answer.answers[position]
+            if isinstance(item, Offer):
+                device.target = item.version
+                if self._failures.get((device.serial, item.sha256), 0) >= self.max_attempts:
+                    self._set(device, FAILED)  # given up on this package
+                else:
+                    self._set(device, PENDING)
+                    offers.append((device, item))
+            elif isinstance(item, NoOffer):
+                self._set(device, _status_of(item.reason))
+                if item.reason == "up-to-date":
+                    device.target, device.detail = device.version, None
+        for device, offer in offers:
+            await self._update(link, device, offer)
+        return answer
+
+    async def _update(self, client: EndpointClient, device: Device, offer: Offer) -> None:
+        self._set(device, IN_PROGRESS)
+        path = None
+        try:
+            await self._report(client, device, offer.version, "downloading")
+            if self.download == "head":
+                await client.check(offer)
+            else:
+                try:
+                    path = await client.download(offer, self._directory())
+                except OSError as e:  # a full or read-only disk on the device's side
+                    raise EndpointError(
+                        "storage", f"Cannot store the package: {e.strerror or e}."
+                    ) from e
+            if self.in_call:  # never installs during a call; the connection is not kept
+                client.release()
+                await self._free.wait()
+            await self._report(client, device, offer.version, "installing")
+            try:
+                await self.installer(device, offer, path)
+            except EndpointError:
+                raise
+            except Exception as e:
+                raise EndpointError("install", f"Install failed: {e}") from e
+        except EndpointError as e:
+            device.detail = str(e)
+            if _transient(e):
+                # The network, not the package: the next poll tries again, resuming
+                # what was downloaded, and it does not count as a failed attempt.
+                self._set(device, PENDING)
+                return
+            failures = self._failures.get((device.serial, offer.sha256), 0) + 1
+            self._failures[(device.serial, offer.sha256)] = failures
+            self._set(device, FAILED)
+            with contextlib.suppress(EndpointError):
+                await self._report(client, device, offer.version, "failed", str(e))
+            return
+        finally:
+            if path is not None:
+                path.unlink(missing_ok=True)
+        device.version = offer.version
+        device.detail = None
+        self._failures.pop((device.serial, offer.sha256), None)
+        with contextlib.suppress(EndpointError):
+            # Lost, the next poll still tells the server the new version.
+            await self._report(client, device, offer.version, "installed")
+        self._set(device, UP_TO_DATE)
+
+    async def _report(
+        self,
+        client: EndpointClient,
+        device: Device,
+        version: str,
+        state: str,
+        detail: str | None = None,
+    ) -> None:
+        await client.report(
+            [protocol.DeviceReport(device.serial, device.type, version, state, detail)]
+        )
+
+    # -- timing ----------------------------------------------------------------------------
+
+    def _interval(self, answer: PollAnswer | None = None) -> float:
+        if self.poll_interval is not None:
+            return self.poll_interval
+        return answer.poll_interval if answer is not None else self._server_interval
+
+    def _spread(self, seconds: float) -> float:
+        return max(0.0, seconds * self.rng.uniform(1 - self.jitter, 1 + self.jitter))
+
+    def _next_delay(self, answer: PollAnswer) -> float:
+        """The poll interval with jitter, or sooner when a ``retryAt`` comes first.
+
+        ``retryAt`` is read against the answer's ``serverTime``, so a device with
+        a wrong clock still comes back at the right moment; a little jitter is
+        added so devices the server spread over the same second do not all come.
+        """
+        interval = self._interval(answer)
+        delay = self._spread(interval)
+        retries = [a.retry_at for a in answer.answers if isinstance(a, NoOffer) and a.retry_at]
+        if retries:
+            wait = max((min(retries) - answer.server_time).total_seconds(), 0.0)
+            wait += self.rng.uniform(0, self.jitter * min(interval, 60.0))
+            delay = min(delay, wait)
+        return delay
+
+    async def _sleep(self, delay: float) -> None:
+        """Wait ``delay`` seconds, or less when a call ends or stop() is called."""
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _set(self, device: Device, status: str) -> None:
+        old = device.status
+        if old != status:
+            device.status = status
+            if self.on_status is not None:
+                self.on_status(device, old)
+
+    def _directory(self) -> Path:
+        if self.workdir is None:
+            name = self.serial if _SAFE.fullmatch(self.serial) else _digest(self.serial)
+            self.workdir = Path(tempfile.gettempdir()) / "dynupdate-endpoint" / name
+        return self.workdir
+
+
+def _transient(error: EndpointError) -> bool:
+    """A failure of the way to the server (worth retrying), not of the package."""
+    if error.kind in ("connect", "timeout", "reset", "tls", "pin-mismatch"):
+        return True
+    return error.kind.startswith("http-5")
+
+
+def _status_of(reason: str) -> str:
+    if reason == "no-policy":
+        return NO_POLICY
+    if reason == "up-to-date":
+        return UP_TO_DATE
+    return PENDING  # in-call, outside-window, and reasons later servers add
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]

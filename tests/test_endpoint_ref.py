@@ -1,0 +1,481 @@
+"""The reference endpoint against the real server over HTTPS (SPEC section 3, device side)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import ServerProcess
+from typer.testing import CliRunner
+
+from dynupdate.cli import app
+from dynupdate.core.errors import InvalidInput
+from dynupdate.endpoint import (
+    Device,
+    Endpoint,
+    EndpointClient,
+    EndpointError,
+    Exchange,
+    NoOffer,
+    PollAnswer,
+    parse_poll_response,
+)
+from dynupdate.tls import fingerprint
+
+NOW = datetime(2026, 11, 27, 16, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("endpoint-ref") / "home"
+    running = ServerProcess(home, "--poll-interval", "60")
+    yield running
+    running.stop()
+
+
+def admin(server: ServerProcess, *args) -> str:
+    result = CliRunner().invoke(app, ["--home", str(server.home), *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def publish(server, tmp_path, type_, version, content: bytes) -> str:
+    """Upload a package and make it the policy of its type; its SHA-256."""
+    path = tmp_path / f"{type_}-{version}.pup"
+    path.write_bytes(content)
+    admin(server, "package", "add", path, "--type", type_, "--version", version)
+    admin(server, "policy", "set", type_, "--version", version)
+    return hashlib.sha256(content).hexdigest()
+
+
+def shown(server, serial) -> dict:
+    return json.loads(admin(server, "endpoint", "show", serial, "--json"))
+
+
+def registered(server, serial, timeout: float = 5.0) -> dict:
+    """A poll is recorded within a second: poll the CLI for it, bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = CliRunner().invoke(
+            app, ["--home", str(server.home), "endpoint", "show", serial, "--json"]
+        )
+        if result.exit_code == 0:
+            return json.loads(result.stdout)
+        assert time.monotonic() < deadline, result.output
+        time.sleep(0.05)
+
+
+def client_for(server, trace=None, **options) -> EndpointClient:
+    return EndpointClient(
+        f"https://127.0.0.1:{server.port}", cafile=server.cafile, trace=trace, **options
+    )
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def wait_for_log(server: ServerProcess, text: str, timeout: float = 5.0) -> None:
+    """The server's access log reaches us through a pipe: poll it, bounded."""
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in server.log):
+        assert time.monotonic() < deadline, f"{text!r} not in the server log"
+        time.sleep(0.02)
+
+
+def test_update_with_a_peripheral_reports_each_step(server, tmp_path):
+    content = os.urandom(50_000)
+    sha = publish(server, tmp_path, "RefGS", "2.0", content)
+    publish(server, tmp_path, "RefCam", "1.5", b"camera" * 1000)
+    exchanges: list[Exchange] = []
+    installed = []
+
+    async def installer(device, offer, path):
+        installed.append((device.serial, offer.version, path.read_bytes() == content or path.name))
+
+    endpoint = Endpoint(
+        "REF-1",
+        "RefGS",
+        "1.0",
+        peripherals=[Device("REF-1-CAM", "RefCam", "1.0")],
+        model="Room 500",
+        tz="Europe/Berlin",
+        workdir=tmp_path / "work",
+        installer=installer,
+    )
+    answer = run(endpoint.poll_once(client_for(server, exchanges.append)))
+
+    assert answer.poll_interval == 60
+    assert [(d.serial, d.status, d.version) for d in endpoint.devices] == [
+        ("REF-1", "up-to-date", "2.0"),
+        ("REF-1-CAM", "up-to-date", "1.5"),
+    ]
+    assert installed[0] == ("REF-1", "2.0", True)
+    steps = [(e.method, e.url.rsplit("/", 1)[-1][:8], e.status) for e in exchanges]
+    assert (
+        steps[:5]
+        == [
+            ("POST", "poll", 200),
+            ("POST", "report", 200),  # downloading
+            ("GET", sha[:8], 200),
+            ("POST", "report", 200),  # installing
+            ("POST", "report", 200),  # installed
+        ]
+    )
+    assert list((tmp_path / "work").iterdir()) == [], "nothing is left behind after installing"
+    data = shown(server, "REF-1")
+    assert (data["version"], data["status"], data["tz"]) == ("2.0", "up-to-date", "Europe/Berlin")
+    events = [h["event"] for h in reversed(data["history"])]
+    assert events[-3:] == ["downloading", "installing", "installed"]
+    assert shown(server, "REF-1-CAM")["parent_serial"] == "REF-1"
+
+    again = run(endpoint.poll_once(client_for(server)))
+    assert [a.reason for a in again.answers] == ["up-to-date", "up-to-date"]
+
+
+class CuttingProxy:
+    """A TCP relay to the server that cuts the first connection sending more than ``cut`` bytes.
+
+    TLS passes through untouched, so the client still checks the server's certificate.
+    """
+
+    def __init__(self, port: int, cut: int | None, every: bool = False) -> None:
+        self.port, self.cut, self.every, self.cuts = port, cut, every, 0
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _relay(self, client_reader, client_writer) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def pipe(src, dst, limit):
+            sent = 0
+            try:
+                while data := await src.read(16384):
+                    if limit is not None and sent + len(data) > limit:
+                        dst.write(data[: limit - sent])
+                        await dst.drain()
+                        self.cuts += 1
+                        break
+                    sent += len(data)
+                    dst.write(data)
+                    await dst.drain()
+            except ConnectionError:
+                pass
+            finally:
+                for w in (client_writer, writer):
+                    w.close()
+
+        limit = self.cut if self.cuts == 0 or self.every else None
+        await asyncio.gather(pipe(client_reader, writer, None), pipe(reader, client_writer, limit))
+
+    async def close(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def test_interrupted_download_resumes_with_range_and_if_range(server, tmp_path):
+    content = os.urandom(1_000_000)
+    sha = publish(server, tmp_path, "Resume", "2.0", content)
+    exchanges: list[Exchange] = []
+
+    async def scenario():
+        proxy = CuttingProxy(server.port, cut=300_000)
+        port = await proxy.start()
+        try:
+            client = EndpointClient(
+                f"https://127.0.0.1:{port}", cafile=server.cafile, trace=exchanges.append
+            )
+            endpoint = Endpoint("RES-1", "Resume", "1.0", workdir=tmp_path / "work")
+            await endpoint.poll_once(client)
+            return endpoint, proxy.cuts
+        finally:
+            await proxy.close()
+
+    endpoint, cuts = run(scenario())
+    assert cuts == 1
+    gets = [e for e in exchanges if e.method == "GET"]
+    assert len(gets) == 2
+    first, second = gets
+    assert first.error == "reset" and 0 < first.received < len(content)
+    assert "Range" not in first.request_headers
+    assert second.request_headers["Range"] == f"bytes={first.received}-"
+    assert second.request_headers["If-Range"] == f'"{sha}"'
+    assert second.status == 206
+    assert second.response_headers["content-range"] == (
+        f"bytes {first.received}-{len(content) - 1}/{len(content)}"
+    )
+    assert second.received == len(content) - first.received
+    assert endpoint.device.status == "up-to-date" and endpoint.device.version == "2.0"
+    wait_for_log(server, f"GET /packages/{sha} 206 {len(content) - first.received} ")
+
+
+def test_a_download_cut_every_time_stays_pending_and_resumes_at_the_next_poll(server, tmp_path):
+    content = os.urandom(1_000_000)
+    sha = publish(server, tmp_path, "Flaky", "2.0", content)
+    work = tmp_path / "work"
+
+    async def scenario():
+        proxy = CuttingProxy(server.port, cut=200_000, every=True)
+        port = await proxy.start()
+        try:
+            client = EndpointClient(f"https://127.0.0.1:{port}", cafile=server.cafile)
+            endpoint = Endpoint("FLAKY-1", "Flaky", "1.0", workdir=work, max_attempts=1)
+            await endpoint.poll_once(client)
+            first = (endpoint.device.status, (work / f"{sha}.part").stat().st_size)
+            proxy.cut = None  # the network is fine again
+            await endpoint.poll_once(client)
+            return first, endpoint.device, client.stats
+        finally:
+            await proxy.close()
+
+    (status, kept), device, stats = run(scenario())
+    assert status == "pending", "a network failure is not a failed update"
+    assert 0 < kept < len(content), "what came is kept for the next attempt"
+    assert stats.downloads == 4 and stats.errors["reset"] == 3
+    assert (device.status, device.version) == ("up-to-date", "2.0")
+    assert stats.bytes_downloaded == len(content), "no byte was fetched twice"
+    assert registered(server, "FLAKY-1")["status"] == "up-to-date"
+
+
+def test_partial_file_on_disk_resumes_or_restarts_when_the_etag_changed(server, tmp_path):
+    content = os.urandom(200_000)
+    sha = publish(server, tmp_path, "OnDisk", "2.0", content)
+    [offer] = run(client_for(server).poll(_poll_endpoint("DISK-1", "OnDisk"))).answers
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / f"{sha}.part").write_bytes(content[:123_456])
+    (work / f"{sha}.etag").write_text(f'"{sha}"')
+    exchanges: list[Exchange] = []
+    path = run(client_for(server, exchanges.append).download(offer, work))
+    assert path.read_bytes() == content
+    assert (exchanges[0].status, exchanges[0].received) == (206, 200_000 - 123_456)
+    assert sorted(p.name for p in work.iterdir()) == [sha]
+
+    path.unlink()
+    (work / f"{sha}.part").write_bytes(b"x" * 1000)
+    (work / f"{sha}.etag").write_text('"another-entity"')
+    exchanges.clear()
+    path = run(client_for(server, exchanges.append).download(offer, work))
+    assert path.read_bytes() == content
+    assert exchanges[0].request_headers["If-Range"] == '"another-entity"'
+    assert (exchanges[0].status, exchanges[0].received) == (200, 200_000), "starts over"
+
+
+def _poll_endpoint(serial, type_, version="1.0"):
+    from dynupdate.protocol import PollEndpoint
+
+    return PollEndpoint(serial, type_, version)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "kind", "words"),
+    [
+        (lambda data: bytes(b ^ 0xFF for b in data[:64]) + data[64:], "sha256-mismatch", "SHA-256"),
+        (lambda data: data + b"trailing bytes", "too-large", "announced"),
+    ],
+    ids=["other-bytes", "longer"],
+)
+def test_tampered_package_is_refused_reported_and_deleted(server, tmp_path, tamper, kind, words):
+    type_ = f"Tamper{kind.split('-')[0].title()}"
+    content = os.urandom(100_000)
+    sha = publish(server, tmp_path, type_, "2.0", content)
+    stored = server.home / "packages" / sha[:2] / sha
+    stored.chmod(0o600)
+    stored.write_bytes(tamper(content))  # the store's bytes change under the server
+    endpoint = Endpoint(f"{type_}-1", type_, "1.0", workdir=tmp_path / "work", max_attempts=1)
+    client = client_for(server)
+    run(endpoint.poll_once(client))
+
+    device = endpoint.device
+    assert (device.status, device.version) == ("failed", "1.0")
+    assert words in device.detail
+    assert client.stats.errors[kind] == 1
+    assert list((tmp_path / "work").iterdir()) == [], "what was received is deleted"
+    data = shown(server, f"{type_}-1")
+    assert data["status"] == "failed" and words in data["report_detail"]
+    assert data["version"] == "1.0"
+
+    run(endpoint.poll_once(client))  # max_attempts=1: it does not try that package again
+    assert client.stats.downloads == 1 and device.status == "failed"
+
+
+def test_a_body_growing_past_the_announced_size_is_cut_and_deleted(tmp_path):
+    from dynupdate.endpoint.client import ClientStats, _FileReceiver
+
+    part, tag = tmp_path / "p.part", tmp_path / "p.etag"
+    receiver = _FileReceiver(part, tag, 0, 10, ClientStats())
+    receiver.begin(200, {"etag": '"abc"'})  # no Content-Length to refuse it by
+    receiver.write(b"123456")
+    with pytest.raises(EndpointError) as refused:
+        receiver.write(b"78901")
+    assert refused.value.kind == "too-large"
+    assert not part.exists() and not tag.exists()
+
+
+def test_head_mode_checks_headers_without_the_bytes(server, tmp_path):
+    publish(server, tmp_path, "HeadOnly", "2.0", os.urandom(300_000))
+    exchanges: list[Exchange] = []
+    client = client_for(server, exchanges.append)
+    endpoint = Endpoint("HEAD-1", "HeadOnly", "1.0", download="head", workdir=tmp_path / "w")
+    run(endpoint.poll_once(client))
+    assert [e.method for e in exchanges] == ["POST", "POST", "HEAD", "POST", "POST"]
+    assert client.stats.bytes_downloaded == 0 and endpoint.device.version == "2.0"
+    assert shown(server, "HEAD-1")["status"] == "up-to-date"
+
+
+def test_pinned_certificate(server):
+    right = fingerprint(server.cafile)
+    pinned = EndpointClient(f"https://127.0.0.1:{server.port}", pin=right.upper())
+    answer = run(pinned.poll(_poll_endpoint("PIN-OK", "Unmanaged")))
+    assert answer.answers[0].reason == "no-policy"
+
+    wrong = EndpointClient(f"https://127.0.0.1:{server.port}", pin="00" * 32)
+    with pytest.raises(EndpointError) as refused:
+        run(wrong.poll(_poll_endpoint("PIN-BAD", "Unmanaged")))
+    assert refused.value.kind == "pin-mismatch" and right in str(refused.value)
+    result = CliRunner().invoke(app, ["--home", str(server.home), "endpoint", "show", "PIN-BAD"])
+    assert result.exit_code == 1, "nothing was sent before the pin was checked"
+
+
+def test_untrusted_certificate_without_pin_or_ca(server):
+    client = EndpointClient(f"https://127.0.0.1:{server.port}")  # the system store
+    with pytest.raises(EndpointError) as refused:
+        run(client.poll(_poll_endpoint("NOCA", "Unmanaged")))
+    assert refused.value.kind == "tls"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"url": "http://127.0.0.1:8443"}, "http://127.0.0.1:8443"),
+        ({"url": "https://"}, "https://"),
+        ({"url": "https://h", "pin": "xyz"}, "xyz"),
+        ({"url": "https://h", "pin": "ab:" * 32}, "ab:"),
+        ({"url": "https://h", "cafile": "/nonexistent/ca.pem"}, "/nonexistent/ca.pem"),
+    ],
+)
+def test_bad_client_settings_name_the_value(arguments, named):
+    url = arguments.pop("url")
+    with pytest.raises(InvalidInput) as refused:
+        EndpointClient(url, **arguments)
+    assert named in str(refused.value)
+
+
+def test_in_call_endpoint_never_polls_until_the_call_ends(server, tmp_path):
+    exchanges: list[Exchange] = []
+    client = client_for(server, exchanges.append)
+    endpoint = Endpoint("CALL-1", "Unmanaged", "1.0", poll_interval=0.05, workdir=tmp_path)
+
+    async def scenario():
+        endpoint.start_call()
+        task = asyncio.create_task(endpoint.run(client))
+        await asyncio.sleep(0.5)  # a bounded observation: ten poll intervals
+        assert exchanges == [], "no poll while in a call"
+        endpoint.end_call()
+        loop = asyncio.get_running_loop()
+        ended = loop.time()
+        while not exchanges:
+            await asyncio.sleep(0.01)
+        polled_after = loop.time() - ended
+        endpoint.stop()
+        await asyncio.wait_for(task, 10)
+        return polled_after
+
+    polled_after = run(scenario())
+    assert polled_after < 1.0, "it polls as soon as the call ends"
+    assert exchanges[0].method == "POST" and exchanges[0].url.endswith("/poll")
+    assert registered(server, "CALL-1")["in_call"] is False
+
+
+def test_install_waits_for_a_call_that_started_during_the_download(server, tmp_path):
+    publish(server, tmp_path, "CallDl", "2.0", os.urandom(10_000))
+    exchanges: list[Exchange] = []
+    endpoint = Endpoint("CALLDL-1", "CallDl", "1.0", workdir=tmp_path / "w")
+
+    def trace(exchange):
+        exchanges.append(exchange)
+        if exchange.method == "GET":
+            endpoint.start_call()  # the call starts as the download ends
+
+    async def scenario():
+        task = asyncio.create_task(endpoint.poll_once(client_for(server, trace)))
+        while not endpoint.in_call:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        reports_during_call = sum(e.url.endswith("/report") for e in exchanges)
+        endpoint.end_call()
+        await task
+        return reports_during_call
+
+    assert run(scenario()) == 1, "only 'downloading' before the call ended"
+    assert endpoint.device.version == "2.0"
+
+
+def _answer(interval: int, retry_in: float | None) -> PollAnswer:
+    retry = NOW + timedelta(seconds=retry_in) if retry_in is not None else None
+    return PollAnswer(interval, NOW, (NoOffer("S", "T", "outside-window", retry),))
+
+
+@pytest.mark.parametrize(
+    ("interval", "retry_in", "low", "high"),
+    [
+        (600, None, 540, 660),  # pollInterval ± 10 %
+        (3600, 120, 120, 120 + 60 * 0.1),  # retryAt comes first: then, plus a little jitter
+        (60, 7200, 54, 66),  # retryAt is far: keep polling at the interval
+        (600, -30, 0, 60 * 0.1),  # retryAt already passed on the server's clock
+    ],
+)
+def test_waits_obey_poll_interval_and_retry_at_with_jitter(interval, retry_in, low, high):
+    endpoint = Endpoint("J", "T", "1", rng=random.Random(7))
+    delays = [endpoint._next_delay(_answer(interval, retry_in)) for _ in range(200)]
+    assert low <= min(delays) and max(delays) <= high
+    assert len({round(d, 3) for d in delays}) > 100, "jittered"
+
+
+def test_poll_interval_override_wins():
+    endpoint = Endpoint("J", "T", "1", poll_interval=5, jitter=0)
+    assert endpoint._next_delay(_answer(3600, None)) == 5
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'<!DOCTYPE x [<!ENTITY e "x">]><pollResponse protocol="1"/>',
+        b'<pollResponse protocol="2"/>',
+        b"<pollResponse",
+        b'<pollResponse protocol="1"><update serial="A" type="T" version="2" size="-1"'
+        b' sha256="00" url="https://h/p"/></pollResponse>',
+        b'<pollResponse protocol="1"><update serial="A" type="T" version="2" size="1"'
+        b' sha256="' + b"a" * 64 + b'" url="http://h/p"/></pollResponse>',
+    ],
+    ids=["doctype", "protocol", "not-xml", "bad-update", "plain-http-url"],
+)
+def test_bad_poll_responses_are_refused(body):
+    with pytest.raises(EndpointError) as refused:
+        parse_poll_response(body)
+    assert refused.value.kind == "bad-response"
+
+
+def test_poll_response_ignores_unknown_parts():
+    answer = parse_poll_response(
+        b'<pollResponse protocol="1" pollInterval="30" serverTime="2026-11-27T16:00:00Z"'
+        b' future="x"><hint/><noUpdate serial="A" type="T" reason="paused-by-admin"/>'
+        b"</pollResponse>"
+    )
+    assert answer.poll_interval == 30 and answer.answers[0].reason == "paused-by-admin"
+    endpoint = Endpoint("A", "T", "1")
+    assert endpoint.device.status == "waiting"
+
+
+def test_workdir_default_is_per_serial():
+    assert Endpoint("A/B", "T", "1")._directory().name != "A/B"
+    assert Path(Endpoint("AB-1", "T", "1")._directory()).name == "AB-1"

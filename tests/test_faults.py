@@ -1,0 +1,238 @@
+"""Database faults and crashes under the real ``dynupdate serve`` (issue 5, items 3 and 4).
+
+A write lock held by someone else, a full disk (``RLIMIT_FSIZE`` on the
+server process) and ``kill -9`` mid-stream: polls keep being answered,
+reports wait or get ``503`` with ``Retry-After`` (never ``500``, never a
+hang), and no report the server acknowledged is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import resource
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from conftest import ServerProcess
+from lxml import etree
+
+BUSY_TIMEOUT = 15.0  # seconds: dynupdate.core.db.BUSY_TIMEOUT_MS
+# The issue says 10 s; 6 s shows the same (a lock held well past any poll) and keeps CI fast.
+LOCK_HELD = 6.0
+DEVICES = 40  # per report in the kill -9 test
+
+
+def poll_body(serial: str, type_: str = "Faulty", version: str = "1.0") -> bytes:
+    return (
+        f'<poll protocol="1"><endpoint serial="{serial}" type="{type_}"'
+        f' version="{version}"/></poll>'
+    ).encode()
+
+
+def report_body(serial: str, version: str = "2.0", state: str = "installed") -> bytes:
+    return (
+        f'<report protocol="1"><device serial="{serial}" type="Faulty" version="{version}"'
+        f' state="{state}"/></report>'
+    ).encode()
+
+
+def poll(server: ServerProcess, serial: str) -> float:
+    """Poll once; the seconds it took."""
+    started = time.monotonic()
+    status, headers, data = server.request("POST", "/poll", poll_body(serial))
+    assert status == 200 and headers["Content-Type"] == "application/xml", data
+    assert etree.fromstring(data).tag == "pollResponse"
+    return time.monotonic() - started
+
+
+def report(server: ServerProcess, serial: str, version: str = "2.0", timeout: float = 30):
+    conn = server.connection(timeout=timeout)
+    try:
+        conn.request("POST", "/report", body=report_body(serial, version))
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def stored_report(home: Path, serial: str) -> tuple[str, str] | None:
+    with contextlib.closing(sqlite3.connect(home / "dynupdate.db")) as db:
+        return db.execute(
+            "SELECT report_state, report_version FROM endpoints WHERE serial = ?", (serial,)
+        ).fetchone()
+
+
+def polls_stored(home: Path, prefix: str) -> int:
+    with contextlib.closing(sqlite3.connect(home / "dynupdate.db")) as db:
+        query = "SELECT count(*) FROM endpoints WHERE last_poll IS NOT NULL AND serial LIKE ?"
+        return db.execute(query, (prefix + "%",)).fetchone()[0]
+
+
+def assert_unavailable(status: int, headers: dict, data: bytes) -> None:
+    assert status == 503, data
+    assert headers["Content-Type"] == "application/xml"
+    assert int(headers["Retry-After"]) > 0
+    assert etree.fromstring(data).get("code") == "unavailable"
+
+
+def test_a_held_write_lock_never_delays_polls_and_reports_wait(start_server, home_dir):
+    server = start_server(home_dir)
+    poll(server, "LOCK-1")
+    assert report(server, "LOCK-1", "1.0")[0] == 200
+
+    lock = sqlite3.connect(home_dir / "dynupdate.db", isolation_level=None, timeout=5)
+    answer: dict = {}
+
+    def send_report() -> None:
+        started = time.monotonic()
+        try:
+            answer["result"] = report(server, "LOCK-1", "2.0", timeout=BUSY_TIMEOUT + 10)
+        except Exception as e:  # reported below
+            answer["error"] = e
+        answer["seconds"] = time.monotonic() - started
+
+    reporter = threading.Thread(target=send_report)
+    try:
+        lock.execute("BEGIN IMMEDIATE")  # a CLI command's write transaction, held
+        locked = time.monotonic()
+        reporter.start()
+        timings = []
+        pace = threading.Event()
+        while time.monotonic() - locked < LOCK_HELD:
+            timings.append(poll(server, f"LOCK-POLL-{len(timings)}"))
+            pace.wait(0.1)  # paces this client; it does not wait for the server
+    finally:
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        lock.close()
+    reporter.join(timeout=BUSY_TIMEOUT + 15)
+    assert not reporter.is_alive(), "a report hung past the busy timeout"
+
+    assert len(timings) > 20 and max(timings) < 1.0, f"polls under a held lock: {timings}"
+    assert "error" not in answer, answer
+    status, headers, data = answer["result"]
+    assert answer["seconds"] < BUSY_TIMEOUT + 2
+    if status == 200:
+        assert stored_report(home_dir, "LOCK-1") == ("installed", "2.0")
+    else:
+        assert_unavailable(status, headers, data)
+    # The polls queued meanwhile are written once the lock is gone.
+    deadline = time.monotonic() + 3
+    while polls_stored(home_dir, "LOCK-POLL-") < len(timings) and time.monotonic() < deadline:
+        threading.Event().wait(0.05)
+    assert polls_stored(home_dir, "LOCK-POLL-") == len(timings)
+    assert not any("Traceback" in line for line in server.log), "".join(server.log)
+
+
+def test_a_full_disk_answers_503_to_reports_and_polls_go_on(start_server, home_dir):
+    server = start_server(home_dir)
+    poll(server, "FULL-1")
+    assert report(server, "FULL-1", "1.0")[0] == 200
+    pid = server.process.pid
+    # No write may reach past the first KiB of any file: every WAL frame fails (EFBIG).
+    # Only the soft limit: raising a hard limit again needs privileges.
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (1024, hard))
+    try:
+        try:
+            result = report(server, "FULL-1", "2.0")
+        except (OSError, http.client.HTTPException) as e:
+            result = e
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.process.wait(timeout=2)
+        code = server.process.poll()
+        assert code is None, (
+            f"the server died on a full disk (exit {code}; -{signal.SIGXFSZ} is SIGXFSZ)"
+        )
+        assert_unavailable(*result)
+        assert poll(server, "FULL-2") < 1.0
+        assert report(server, "FULL-3")[0] == 503
+    finally:
+        if server.process.poll() is None:
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
+    # Space is back: the next report is stored, and nothing refused was kept.
+    assert report(server, "FULL-1", "3.0")[0] == 200
+    assert stored_report(home_dir, "FULL-1") == ("installed", "3.0")
+    assert stored_report(home_dir, "FULL-3") is None
+    with contextlib.closing(sqlite3.connect(home_dir / "dynupdate.db")) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_kill_9_under_load_loses_no_acknowledged_report(start_server, home_dir):
+    server = start_server(home_dir, "--no-access-log")
+    acked: list[tuple[str, str]] = []
+    killed = threading.Event()
+    counting = threading.Lock()
+    failures: list[BaseException] = []
+
+    def sender(prefix: str) -> None:
+        conn = server.connection(timeout=10)
+        try:
+            for i in range(5000):
+                # Several devices a report: the server has real work between its answer
+                # and the end of its COMMIT, were it to answer first.
+                devices = [(f"{prefix}-{i}-{d}", f"1.{i}.{d}") for d in range(DEVICES)]
+                body = "".join(
+                    f'<device serial="{serial}" type="Faulty" version="{version}"'
+                    ' state="installed"/>'
+                    for serial, version in devices
+                )
+                try:
+                    conn.request("POST", "/report", body=f'<report protocol="1">{body}</report>')
+                    response = conn.getresponse()
+                    response.read()
+                except (OSError, http.client.HTTPException):
+                    return  # the server is gone
+                if response.status != 200:
+                    failures.append(AssertionError(f"{devices[0]}: {response.status}"))
+                    return
+                with counting:
+                    acked.extend(devices)
+                    if len(acked) == 60 * DEVICES:
+                        # At once, from the thread that saw the answer: a server that
+                        # answered before its COMMIT was durable is caught in the gap.
+                        os.kill(server.process.pid, signal.SIGKILL)
+                        killed.set()
+        finally:
+            conn.close()
+
+    senders = [threading.Thread(target=sender, args=(f"KILL{n}",)) for n in range(3)]
+    for thread in senders:
+        thread.start()
+    try:
+        assert killed.wait(timeout=30), f"only {len(acked)} reports acknowledged"
+    finally:
+        if not killed.is_set():
+            server.process.kill()
+        server.process.wait(timeout=10)
+        for thread in senders:
+            thread.join(timeout=15)
+    assert not failures, failures
+    assert server.process.returncode == -signal.SIGKILL
+
+    with contextlib.closing(sqlite3.connect(home_dir / "dynupdate.db")) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rows = dict(
+            db.execute(
+                "SELECT serial, report_version FROM endpoints WHERE"
+                " serial LIKE 'KILL%' AND report_state = 'installed'"
+            )
+        )
+        history = set(
+            db.execute("SELECT serial, version FROM endpoint_history WHERE event = 'installed'")
+        )
+    lost = [(s, v) for s, v in acked if rows.get(s) != v or (s, v) not in history]
+    assert not lost, f"{len(lost)} of {len(acked)} acknowledged reports lost: {lost[:5]}"
+
+    again = ServerProcess(home_dir, "--no-access-log")  # the killed server's home starts again
+    try:
+        assert poll(again, "AFTER-KILL") < 1.0
+        assert report(again, "AFTER-KILL")[0] == 200
+    finally:
+        again.stop()

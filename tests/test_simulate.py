@@ -1,0 +1,296 @@
+"""dynupdate simulate: fleets of reference endpoints against a real server over HTTPS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dynupdate.cli import app
+from dynupdate.core.errors import InvalidInput
+from dynupdate.endpoint import EndpointClient
+from dynupdate.endpoint.simulation import (
+    Share,
+    Simulation,
+    build_fleet,
+    parse_fleet,
+    parse_percent,
+    parse_seconds,
+    split_counts,
+)
+from dynupdate.tls import fingerprint
+
+
+def cli(home: Path, *args, code: int = 0):
+    result = CliRunner().invoke(app, ["--home", str(home), *map(str, args)])
+    assert result.exit_code == code, f"{result.stdout}\n{result.stderr}"
+    return result
+
+
+def cli_json(home: Path, *args):
+    return json.loads(cli(home, *args, "--json").stdout)
+
+
+def publish(home: Path, tmp_path: Path, type_: str, version: str, size: int = 4096) -> None:
+    path = tmp_path / f"{type_}-{version}.pup"
+    path.write_bytes(os.urandom(size))
+    cli(home, "package", "add", path, "--type", type_, "--version", version)
+    cli(home, "policy", "set", type_, "--version", version)
+
+
+def hhmm(moment: datetime) -> str:
+    return moment.strftime("%H:%M")
+
+
+# -- end to end ----------------------------------------------------------------------------
+
+
+def test_rollout_of_300_endpoints_reaches_100_percent(start_server, tmp_path):
+    home = tmp_path / "server"
+    server = start_server(home, "--poll-interval", "5", "--no-access-log")
+    publish(home, tmp_path, "GroupSeries", "6.2.2")
+    publish(home, tmp_path, "Trio", "7.2.0")
+    started = time.monotonic()
+    result = cli(
+        tmp_path / "unused-home",  # simulate talks HTTPS only; it never opens a home
+        "simulate",
+        "--url", f"https://127.0.0.1:{server.port}",
+        "--cafile", server.cafile,
+        "--endpoints", 300,
+        "--fleet", "GroupSeries=6.2.1:70%,Trio=7.1.0:30%",
+        "--in-call", "5%",
+        "--call-length", "1s",
+        "--until-done",
+        "--duration", "45s",
+        "--concurrency", 100,
+        "--seed", 4,
+        "--json",
+    )  # fmt: skip
+    summary = json.loads(result.stdout)
+    assert summary["done"] is True, summary
+    assert summary["counts"]["up_to_date"] == summary["devices"] == 300
+    assert summary["errors"] == {} and summary["bytes_downloaded"] == 300 * 4096
+    assert 0 < summary["time_to_50_percent"] <= summary["time_to_90_percent"]
+    assert summary["time_to_100_percent"] <= time.monotonic() - started
+    assert {t["type"]: t["up_to_date"] for t in summary["types"]} == {
+        "GroupSeries": 210,
+        "Trio": 90,
+    }
+
+    overview = {row["type"]: row for row in cli_json(home, "overview")}
+    for type_, count, target in (("GroupSeries", 210, "6.2.2"), ("Trio", 90, "7.2.0")):
+        row = overview[type_]
+        assert (row["endpoints"], row["on_target_percent"]) == (count, 100.0)
+        assert row["versions"] == [{"version": target, "count": count}]
+    endpoints = cli_json(home, "endpoint", "list")
+    assert len(endpoints) == 300
+    assert {(e["report_state"], e["status"]) for e in endpoints} == {("installed", "up-to-date")}
+
+
+def test_closed_window_holds_the_fleet_and_opening_it_moves_everyone(start_server, tmp_path):
+    home = tmp_path / "server"
+    server = start_server(home, "--poll-interval", "60", "--no-access-log")
+    publish(home, tmp_path, "GroupSeries", "6.2.2")
+    now = datetime.now(UTC)
+    cli(home, "window", "set", "--start", hhmm(now + timedelta(hours=3)), "--duration", "1h")
+    client = EndpointClient(
+        f"https://127.0.0.1:{server.port}", pin=fingerprint(server.cafile), max_connections=100
+    )
+    fleet, _ = build_fleet(
+        300, parse_fleet("GroupSeries=6.2.1"), download="head", poll_interval=2.0, seed=1
+    )
+    simulation = Simulation(client, fleet, seed=1)
+
+    async def rollout():
+        loop = asyncio.get_running_loop()
+        run = asyncio.create_task(simulation.run(until_done=True, duration=50))
+        deadline = loop.time() + 20
+        while simulation.totals["waiting"] and loop.time() < deadline:
+            await asyncio.sleep(0.05)  # until every endpoint had its answer
+        await asyncio.sleep(1.5)  # a bounded observation: nothing may move meanwhile
+        held = dict(simulation.totals), client.stats.heads, client.stats.reports
+        opened = (now - timedelta(minutes=30), "2h")
+        await loop.run_in_executor(
+            None, cli, home, "window", "set", "--start", hhmm(opened[0]), "--duration", opened[1]
+        )
+        return held, await run
+
+    (counts, heads, reports), summary = asyncio.run(asyncio.wait_for(rollout(), 55))
+    assert counts["pending"] == 300 and counts.get("up-to-date", 0) == 0, counts
+    assert (heads, reports) == (0, 0), "nothing moved while the window was closed"
+    assert summary["done"] and summary["counts"]["up_to_date"] == 300, summary
+    [row] = cli_json(home, "overview")
+    assert row["on_target_percent"] == 100.0
+
+
+def test_peripherals_calls_and_failures_reach_the_server(start_server, tmp_path):
+    home = tmp_path / "server"
+    server = start_server(home, "--poll-interval", "5", "--no-access-log")
+    publish(home, tmp_path, "Trio", "7.2.0")
+    publish(home, tmp_path, "EagleEyeIV", "2.0")
+    result = cli(
+        tmp_path / "unused-home",
+        "simulate",
+        "--url", f"https://127.0.0.1:{server.port}",
+        "--pin", fingerprint(server.cafile).upper(),
+        "--endpoints", 20,
+        "--fleet", "Trio=7.1.0",
+        "--peripherals", 2,
+        "--peripheral-fleet", "EagleEyeIV=1.0",
+        "--fail", "10%",
+        "--download", "head",
+        "--until-done",
+        "--duration", "30s",
+        "--seed", 9,
+        "--json",
+    )  # fmt: skip
+    summary = json.loads(result.stdout)
+    assert summary["done"] and summary["devices"] == 60 and summary["bytes_downloaded"] == 0
+    assert (summary["counts"]["failed"], summary["counts"]["up_to_date"]) == (6, 54)
+    endpoints = {e["serial"]: e for e in cli_json(home, "endpoint", "list")}
+    failed = [e for e in endpoints.values() if e["status"] == "failed"]
+    assert len(failed) == 6
+    assert all(e["report_detail"].endswith("simulated install failure") for e in failed)
+    assert endpoints["SIM000001-P1"]["parent_serial"] == "SIM000001"
+
+
+def test_simulate_without_until_done_stops_after_duration(start_server, tmp_path):
+    home = tmp_path / "server"
+    server = start_server(home, "--poll-interval", "1", "--no-access-log")
+    result = cli(
+        tmp_path / "unused-home",
+        "simulate",
+        "--url", f"https://127.0.0.1:{server.port}",
+        "--cafile", server.cafile,
+        "-n", 5,
+        "--fleet", "Nobody=1.0",
+        "--duration", "1s",
+    )  # fmt: skip
+    assert "Rehearsal" in result.stdout and "Devices by type" in result.stdout
+    elapsed = float(result.stdout.split("elapsed seconds")[1].split()[0])
+    assert 1.0 <= elapsed < 5.0
+
+
+def test_until_done_not_reached_exits_1(start_server, tmp_path):
+    home = tmp_path / "server"
+    server = start_server(home, "--poll-interval", "60", "--no-access-log")
+    publish(home, tmp_path, "Trio", "7.2.0")
+    result = cli(
+        tmp_path / "unused-home",
+        "simulate",
+        "--url", f"https://127.0.0.1:{server.port}",
+        "--cafile", server.cafile,
+        "-n", 3,
+        "--fleet", "Trio=7.1.0",
+        "--in-call", "100%",
+        "--call-length", "1h",
+        "--until-done",
+        "--duration", "1s",
+        "--json",
+        code=1,
+    )  # fmt: skip
+    assert json.loads(result.stdout)["counts"]["waiting"] == 3
+    assert "Not done after" in result.stderr and "3 devices" in result.stderr
+
+
+def test_wrong_pin_fails_before_the_fleet_starts(start_server, tmp_path):
+    home = tmp_path / "server"
+    server = start_server(home, "--no-access-log")
+    result = cli(
+        tmp_path / "unused-home",
+        "simulate",
+        "--url", f"https://127.0.0.1:{server.port}",
+        "--pin", "ab" * 32,
+        "--fleet", "Trio=7.1.0",
+        code=1,
+    )  # fmt: skip
+    assert "not the pinned" in result.stderr and fingerprint(server.cafile) in result.stderr
+    assert cli_json(home, "endpoint", "list") == []
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--fleet", "GroupSeries"),
+        ("--fleet", "GroupSeries=6.2.1:70%,Trio=7.1.0:20%"),
+        ("--fleet", "Group Series=6.2.1"),
+        ("--fleet", "Trio=7.1:abc"),
+        ("--pin", "not-a-fingerprint"),
+        ("--url", "http://127.0.0.1:8443"),
+        ("--url", "127.0.0.1:8443"),
+        ("--in-call", "120%"),
+        ("--poll-interval", "soon"),
+    ],
+)
+def test_bad_options_exit_1_naming_the_value(tmp_path, option, value):
+    args = {"--url": "https://127.0.0.1:1", "--fleet": "Trio=7.1.0", option: value}
+    result = cli(tmp_path, "simulate", *[x for item in args.items() for x in item], code=1)
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("Error: ") and value in line
+
+
+# -- the pieces ----------------------------------------------------------------------------
+
+
+def test_parse_fleet_splits_what_is_left():
+    assert parse_fleet("A=1:50%, B=2.0-7, C=3") == (
+        Share("A", "1", 50.0),
+        Share("B", "2.0-7", 25.0),
+        Share("C", "3", 25.0),
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "A=1,,B=2", "A=1:60%,A=1:40%", "A=1:50%,B=1:60%", "=1", "A=", "A=1:-5%"],
+)
+def test_parse_fleet_refuses(text):
+    with pytest.raises(InvalidInput) as refused:
+        parse_fleet(text)
+    assert f"'{text}'" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("total", "percents", "counts"),
+    [(10, [70, 30], [7, 3]), (300, [70, 30], [210, 90]), (7, [50, 25, 25], [3, 2, 2]),
+     (1, [50, 50], [1, 0]), (0, [100], [0])],
+)  # fmt: skip
+def test_split_counts_is_exact(total, percents, counts):
+    shares = [Share(f"T{i}", "1", p) for i, p in enumerate(percents)]
+    assert split_counts(total, shares) == counts
+    assert sum(split_counts(total, shares)) == total
+
+
+def test_build_fleet_is_deterministic_and_honours_the_shares():
+    def fleet():
+        return build_fleet(
+            100,
+            parse_fleet("A=1:60%,B=2:40%"),
+            peripherals=2,
+            peripheral_shares=parse_fleet("Cam=1"),
+            in_call=10,
+            fail=5,
+            seed=3,
+        )
+
+    endpoints, calling = fleet()
+    again, calling_again = fleet()
+    assert [e.device.type for e in endpoints] == [e.device.type for e in again]
+    assert calling == calling_again and len(calling) == 10
+    assert sum(e.device.type == "A" for e in endpoints) == 60
+    assert sum(e.in_call for e in endpoints) == 10
+    assert {len(e.peripherals) for e in endpoints} == {2}
+    assert endpoints[0].serial == "SIM000001" and endpoints[0].peripherals[1].serial.endswith("P2")
+
+
+def test_parse_percent_and_seconds():
+    assert parse_percent("5%", "--fail") == parse_percent("5", "--fail") == 5.0
+    assert parse_seconds("1h30m", "--duration") == 5400.0
+    with pytest.raises(InvalidInput, match="'0'"):
+        parse_seconds("0", "--poll-interval")
