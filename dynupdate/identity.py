@@ -1,0 +1,54 @@
+"""Who may speak for a device: the serial a client certificate names (``--bind-serial``).
+
+Under mutual TLS with ``--bind-serial``, an endpoint may poll only as the
+serial in its certificate (the subject CN, or any DNS/URI/otherName SAN
+value), and report only for that serial and the peripherals registered
+under it. A peripheral already attached to another endpoint cannot be
+claimed by a poll either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = ["Forbidden", "certificate_names", "check_poll", "check_report"]
+
+
+class Forbidden(Exception):
+    """The client certificate does not allow this request (answered 403)."""
+
+
+def certificate_names(peer_cert: dict | None) -> frozenset[str]:
+    """The names a verified peer certificate (``ssl.getpeercert()``) gives its holder."""
+    if not peer_cert:
+        return frozenset()
+    names = set()
+    for rdn in peer_cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                names.add(value)
+    for kind, value in peer_cert.get("subjectAltName", ()):
+        if kind in ("DNS", "URI", "othername", "email"):
+            names.add(value)
+    return frozenset(names)
+
+
+def check_poll(
+    names: frozenset[str], endpoint_serial: str, peripherals: Iterable[tuple[str, str | None]]
+) -> None:
+    """``peripherals``: (serial, current parent serial or None) for each peripheral polled."""
+    if endpoint_serial not in names:
+        raise Forbidden(f"This certificate may not poll for serial {endpoint_serial[:64]!r}.")
+    for serial, parent in peripherals:
+        if serial in names:
+            continue
+        if parent is not None and parent != endpoint_serial:
+            raise Forbidden(f"Peripheral {serial[:64]!r} belongs to another endpoint.")
+
+
+def check_report(names: frozenset[str], devices: Iterable[tuple[str, str | None]]) -> None:
+    """``devices``: (serial, registered parent serial or None) for each reported device."""
+    for serial, parent in devices:
+        if serial in names or (parent is not None and parent in names):
+            continue
+        raise Forbidden(f"This certificate may not report for serial {serial[:64]!r}.")
