@@ -263,11 +263,6 @@ remove_package(home.db, home.store, "T", "1.0")
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="remove_package unlinks the file before its DELETE commits: a kill there "
-    "rolls the row back and leaves it without its file",
-)
 def test_kill_9_during_package_remove_leaves_no_row_without_its_file(tmp_path: Path):
     home = tmp_path / "home"
     source = tmp_path / "pkg.bin"
@@ -285,11 +280,6 @@ def test_kill_9_during_package_remove_leaves_no_row_without_its_file(tmp_path: P
         assert (home / "packages" / sha256[:2] / sha256).is_file(), "row without its file"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PackageStore.stage creates its temp file, then locks it: a clean_temp "
-    "(any other start) in between deletes it and the import fails",
-)
 def test_a_start_racing_the_beginning_of_an_import_does_not_fail_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

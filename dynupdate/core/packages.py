@@ -184,7 +184,10 @@ def remove_package(
             "DELETE FROM packages WHERE type_key = ? AND version = ?",
             (type_key(package.type), package.version),
         )
-        # Inside the transaction: an import of the same bytes cannot commit its
-        # row between this check and the unlink.
+    # The file goes only after the DELETE is durable: a kill in between leaves an
+    # orphan file (which `check --repair` removes), never a row without its file.
+    # The check and the unlink share a write transaction, so an import of the
+    # same bytes cannot commit its row between them.
+    with write(db):
         _forget_if_unused(db, store, package.sha256)
     return package

@@ -75,10 +75,12 @@ class PackageStore:
             raise InvalidInput(f"'{source}' is a directory, not a package file.") from None
         except PermissionError:
             raise InvalidInput(f"Cannot read '{source}': permission denied.") from None
-        fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         try:
-            # Locked while the import is alive: clean_temp leaves it alone.
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fd = _create_locked(temp)
+        except OSError as e:
+            src.close()
+            raise StorageError(f"Cannot store '{source}': {e.strerror or e}.") from e
+        try:
             with src:
                 sha256, size = _copy_hashing(src, fd, progress)
             os.fsync(fd)
@@ -132,6 +134,23 @@ class PackageStore:
             finally:
                 os.close(fd)
         return removed
+
+
+def _create_locked(temp: Path) -> int:
+    """Create ``temp`` and hold its lock while the import is alive.
+
+    clean_temp leaves locked files alone, but a start can run between the create
+    and the lock and delete the new file: then the name is made again.
+    """
+    while True:
+        fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(temp).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _copy_hashing(src, fd: int, progress: Callable[[int], None] | None) -> tuple[str, int]:
