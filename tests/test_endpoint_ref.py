@@ -281,8 +281,9 @@ def _poll_endpoint(serial, type_, version="1.0"):
     [
         (lambda data: bytes(b ^ 0xFF for b in data[:64]) + data[64:], "sha256-mismatch", "SHA-256"),
         (lambda data: data + b"trailing bytes", "too-large", "announced"),
+        (lambda data: data[:-100], "size-mismatch", "announced"),
     ],
-    ids=["other-bytes", "longer"],
+    ids=["other-bytes", "longer", "shorter"],
 )
 def test_tampered_package_is_refused_reported_and_deleted(server, tmp_path, tamper, kind, words):
     type_ = f"Tamper{kind.split('-')[0].title()}"
@@ -337,6 +338,9 @@ def test_pinned_certificate(server):
     pinned = EndpointClient(f"https://127.0.0.1:{server.port}", pin=right.upper())
     answer = run(pinned.poll(_poll_endpoint("PIN-OK", "Unmanaged")))
     assert answer.answers[0].reason == "no-policy"
+    colons = ":".join(right[i : i + 2] for i in range(0, 64, 2))
+    with_colons = EndpointClient(f"https://127.0.0.1:{server.port}", pin=colons)
+    assert run(with_colons.poll(_poll_endpoint("PIN-OK", "Unmanaged"))).answers
 
     wrong = EndpointClient(f"https://127.0.0.1:{server.port}", pin="00" * 32)
     with pytest.raises(EndpointError) as refused:
@@ -479,3 +483,177 @@ def test_poll_response_ignores_unknown_parts():
 def test_workdir_default_is_per_serial():
     assert Endpoint("A/B", "T", "1")._directory().name != "A/B"
     assert Path(Endpoint("AB-1", "T", "1")._directory()).name == "AB-1"
+
+
+def test_an_install_that_raises_is_reported_failed_with_its_reason(server, tmp_path):
+    publish(server, tmp_path, "BadInstall", "2.0", os.urandom(5_000))
+    exchanges: list[Exchange] = []
+
+    async def installer(device, offer, path):
+        raise OSError("flash partition is read-only")
+
+    endpoint = Endpoint("BADINST-1", "BadInstall", "1.0", workdir=tmp_path / "w",
+                        installer=installer)  # fmt: skip
+    run(endpoint.poll_once(client_for(server, exchanges.append)))
+
+    device = endpoint.device
+    assert (device.status, device.version) == ("failed", "1.0")
+    assert device.detail == "Install failed: flash partition is read-only"
+    assert [e.url.rsplit("/", 1)[-1] for e in exchanges if e.method == "POST"] == [
+        "poll", "report", "report", "report"
+    ]  # fmt: skip
+    data = shown(server, "BADINST-1")
+    assert (data["status"], data["version"]) == ("failed", "1.0")
+    assert data["report_detail"] == device.detail
+    events = [h["event"] for h in reversed(data["history"])]
+    assert events[-3:] == ["downloading", "installing", "failed"]
+    assert list((tmp_path / "w").iterdir()) == [], "the package is removed after a failed install"
+
+
+def test_a_poll_forced_during_a_call_says_so(server, tmp_path):
+    publish(server, tmp_path, "ForcedCall", "2.0", b"x" * 100)
+    endpoint = Endpoint("FORCED-1", "ForcedCall", "1.0", workdir=tmp_path)
+    endpoint.start_call()
+    answer = run(endpoint.poll_once(client_for(server)))
+    assert [a.reason for a in answer.answers] == ["in-call"]
+    assert (endpoint.device.status, endpoint.device.version) == ("pending", "1.0")
+    assert registered(server, "FORCED-1")["in_call"] is True
+
+
+def record_waits(endpoint: Endpoint, count: int) -> list[float]:
+    """Stand in for the endpoint's sleep: note each wait ``run`` asks for, stop after ``count``."""
+    waits: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        waits.append(delay)
+        if len(waits) >= count:
+            endpoint.stop()
+
+    endpoint._sleep = sleep
+    return waits
+
+
+def test_run_waits_the_servers_poll_interval_with_jitter(server, tmp_path):
+    exchanges: list[Exchange] = []
+    endpoint = Endpoint("RUN-1", "Unmanaged", "1.0", workdir=tmp_path)
+    waits = record_waits(endpoint, 1)
+    run(endpoint.run(client_for(server, exchanges.append)))
+    assert [e.url.rsplit("/", 1)[-1] for e in exchanges] == ["poll"], "polls at once on start"
+    [wait] = waits
+    assert 54 <= wait <= 66 and wait != 60, "the server's pollInterval 60 s, ± 10 % jitter"
+
+
+def test_run_comes_back_at_retry_at_when_the_window_is_closed(start_server, tmp_path):
+    server = start_server(tmp_path / "home", "--poll-interval", "86400", "--no-access-log")
+    publish(server, tmp_path, "Windowed", "2.0", b"w" * 100)
+    opens = datetime.now(UTC) + timedelta(minutes=2)
+    admin(server, "window", "set", "--start", opens.strftime("%H:%M"), "--duration", "1m")
+    endpoint = Endpoint("WIN-1", "Windowed", "1.0", workdir=tmp_path)
+    waits = record_waits(endpoint, 1)
+    run(endpoint.run(client_for(server)))
+
+    [item] = endpoint.last_answer.answers
+    assert (item.reason, endpoint.device.status) == ("outside-window", "pending")
+    until_retry = (item.retry_at - endpoint.last_answer.server_time).total_seconds()
+    assert 0 < until_retry < 3 * 60, "the next opening, spread over its first half"
+    [wait] = waits
+    assert until_retry <= wait <= until_retry + 6, "retryAt (not 86400 s), plus a little jitter"
+
+
+def test_run_backs_off_after_failed_polls():
+    import socket
+
+    with socket.socket() as probe:  # a port on 127.0.0.1 where nobody listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = Endpoint("BACKOFF-1", "T", "1.0", rng=random.Random(3))
+    waits = record_waits(endpoint, 4)
+    client = EndpointClient(f"https://127.0.0.1:{port}", pin="00" * 32)
+    run(endpoint.run(client))
+    assert client.stats.errors["connect"] == 4
+    for wait, base in zip(waits, (5, 10, 20, 40), strict=True):
+        assert base * 0.9 <= wait <= base * 1.1
+
+
+def test_the_client_parses_with_the_servers_hardened_parser():
+    """One hardening to maintain: the client builds no XML parser of its own."""
+    import inspect
+
+    from dynupdate.endpoint import client
+
+    assert "XMLParser" not in inspect.getsource(client)
+    assert "protocol.hardened_parser()" in inspect.getsource(client)
+
+
+# -- the documented example ----------------------------------------------------------------
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.parametrize(
+    ("document", "printed"),
+    [
+        ("README.md", ["installing 8211ABC 6.2.2.0-100", "up-to-date 6.2.2.0-100"]),
+        ("docs/simulate.md", ["up-to-date 6.2.2.0-100"]),
+    ],
+)
+def test_the_documented_example_runs_against_a_real_server(
+    start_server, tmp_path, document, printed
+):
+    """The example is run as written; only the server's address, its pin and paths change."""
+    import re
+    import subprocess
+    import sys
+    import threading
+
+    [code] = [
+        block
+        for block in re.findall(r"```python\n(.*?)```", (ROOT / document).read_text(), re.S)
+        if "EndpointClient(" in block
+    ]
+    server = start_server(tmp_path / "home", "--poll-interval", "1")
+    publish(server, tmp_path, "GroupSeries", "6.2.2.0-100", os.urandom(20_000))
+    work = tmp_path / "device"
+    for old, new in [
+        ('"https://updates.example.com:8443"', f'"https://127.0.0.1:{server.port}"'),
+        (re.search(r'pin="3f5c…[^"]*"', code)[0], f'pin="{fingerprint(server.cafile)}"'),
+        ('Path("/var/lib/endpoint")', f"Path({str(work)!r})"),
+    ]:
+        assert old in code or old.startswith("Path"), f"{document}: {old} not in the example"
+        code = code.replace(old, new)
+    assert re.search(r"print\(endpoint\.device\.status.*# " + re.escape(printed[-1]), code)
+
+    (tmp_path / "tmp").mkdir()
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path / "tmp")}
+    device = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=tmp_path, env=environment,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(device.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 20
+        while len(lines) < len(printed) and device.poll() is None:
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.02)
+        assert [line.rstrip("\n") for line in lines] == printed
+        # Then endpoint.run(): it keeps polling, every pollInterval (1 s here).
+        while sum("POST /poll 200" in line for line in server.log) < 2:
+            assert device.poll() is None, lines
+            assert time.monotonic() < deadline, "run() did not poll again"
+            time.sleep(0.02)
+    finally:
+        device.terminate()
+        device.wait(timeout=10)
+        reader.join(timeout=5)
+        device.stdout.close()
+    data = shown(server, "8211ABC")
+    assert (data["version"], data["status"]) == ("6.2.2.0-100", "up-to-date")
+    assert [h["event"] for h in reversed(data["history"])][-3:] == [
+        "downloading", "installing", "installed"
+    ]  # fmt: skip
+    assert shown(server, "EE4-17")["parent_serial"] == "8211ABC"
+    leftovers = [p for p in (tmp_path / "tmp").rglob("*") if p.is_file()]
+    leftovers += [p for p in work.rglob("*") if p.is_file()] if work.exists() else []
+    assert leftovers == [], "the package file is removed after the install"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -77,7 +78,10 @@ def test_rollout_of_300_endpoints_reaches_100_percent(start_server, tmp_path):
     assert summary["counts"]["up_to_date"] == summary["devices"] == 300
     assert summary["errors"] == {} and summary["bytes_downloaded"] == 300 * 4096
     assert 0 < summary["time_to_50_percent"] <= summary["time_to_90_percent"]
-    assert summary["time_to_100_percent"] <= time.monotonic() - started
+    assert summary["time_to_90_percent"] <= summary["time_to_100_percent"]
+    assert summary["time_to_100_percent"] <= summary["elapsed_seconds"]
+    assert summary["elapsed_seconds"] <= time.monotonic() - started
+    assert summary["polls"] >= 300 and summary["reports"] == 3 * 300
     assert {t["type"]: t["up_to_date"] for t in summary["types"]} == {
         "GroupSeries": 210,
         "Trio": 90,
@@ -116,6 +120,11 @@ def test_closed_window_holds_the_fleet_and_opening_it_moves_everyone(start_serve
         await asyncio.sleep(1.5)  # a bounded observation: nothing may move meanwhile
         held = dict(simulation.totals), client.stats.heads, client.stats.reports
         opened = (now - timedelta(minutes=30), "2h")
+        window = ("window", "set", "--start", hhmm(opened[0]), "--duration", opened[1])
+        dry_run = await loop.run_in_executor(None, cli_json, home, *window, "--dry-run")
+        [overview] = await loop.run_in_executor(None, cli_json, home, "overview")
+        assert overview["counts"]["pending"] == 300 and overview["on_target_percent"] == 0
+        assert dry_run["totals"]["offered_now"] == 300 and dry_run["totals"]["changed"] == 300
         await loop.run_in_executor(
             None, cli, home, "window", "set", "--start", hhmm(opened[0]), "--duration", opened[1]
         )
@@ -160,9 +169,9 @@ def test_peripherals_calls_and_failures_reach_the_server(start_server, tmp_path)
     assert endpoints["SIM000001-P1"]["parent_serial"] == "SIM000001"
 
 
-def test_simulate_without_until_done_stops_after_duration(start_server, tmp_path):
+def test_duration_and_poll_interval_set_the_pace(start_server, tmp_path):
     home = tmp_path / "server"
-    server = start_server(home, "--poll-interval", "1", "--no-access-log")
+    server = start_server(home, "--poll-interval", "3600", "--no-access-log")
     result = cli(
         tmp_path / "unused-home",
         "simulate",
@@ -170,11 +179,14 @@ def test_simulate_without_until_done_stops_after_duration(start_server, tmp_path
         "--cafile", server.cafile,
         "-n", 5,
         "--fleet", "Nobody=1.0",
+        "--poll-interval", "0.2",
         "--duration", "1s",
     )  # fmt: skip
     assert "Rehearsal" in result.stdout and "Devices by type" in result.stdout
-    elapsed = float(result.stdout.split("elapsed seconds")[1].split()[0])
+    elapsed = float(re.search(r"^ elapsed seconds +([0-9.]+)", result.stdout, re.M)[1])
     assert 1.0 <= elapsed < 5.0
+    polls = int(re.search(r"^ polls +([0-9]+)", result.stdout, re.M)[1])
+    assert polls >= 5 * 3, "every 0.2 s (± 10 %), not the server's 3600 s"
 
 
 def test_until_done_not_reached_exits_1(start_server, tmp_path):
@@ -197,6 +209,7 @@ def test_until_done_not_reached_exits_1(start_server, tmp_path):
     )  # fmt: skip
     assert json.loads(result.stdout)["counts"]["waiting"] == 3
     assert "Not done after" in result.stderr and "3 devices" in result.stderr
+    assert cli_json(home, "endpoint", "list") == [], "no poll was sent during the calls"
 
 
 def test_wrong_pin_fails_before_the_fleet_starts(start_server, tmp_path):
@@ -233,6 +246,78 @@ def test_bad_options_exit_1_naming_the_value(tmp_path, option, value):
     result = cli(tmp_path, "simulate", *[x for item in args.items() for x in item], code=1)
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("Error: ") and value in line
+
+
+def test_errors_are_counted_by_kind_in_the_summary(start_server, tmp_path):
+    home = tmp_path / "server"
+    server = start_server(home, "--poll-interval", "1", "--no-access-log")
+    publish(home, tmp_path, "Trio", "7.2.0")
+    [package] = cli_json(home, "package", "list")
+    stored = home / "packages" / package["sha256"][:2] / package["sha256"]
+    stored.chmod(0o600)
+    stored.write_bytes(os.urandom(package["size"]))  # the same size, other bytes
+    result = cli(
+        tmp_path / "unused-home",
+        "simulate",
+        "--url", f"https://127.0.0.1:{server.port}",
+        "--cafile", server.cafile,
+        "-n", 10,
+        "--fleet", "Trio=7.1.0",
+        "--poll-interval", "0.2",
+        "--until-done",
+        "--duration", "20s",
+        "--json",
+    )  # fmt: skip
+    summary = json.loads(result.stdout)
+    # Failed is done: --until-done stops once every endpoint has failed its first try.
+    assert summary["done"] and summary["counts"]["failed"] == 10, summary
+    assert summary["errors"] == {"sha256-mismatch": 10} and summary["error_count"] == 10
+    assert summary["time_to_50_percent"] is None and summary["time_to_100_percent"] is None
+    assert summary["on_target_percent"] == 0.0 and summary["bytes_downloaded"] == 10 * 4096
+    failed = cli_json(home, "endpoint", "list", "--status", "failed")
+    assert len(failed) == 10 and all("SHA-256" in e["report_detail"] for e in failed)
+
+
+def test_live_view_on_a_terminal(start_server, tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from dynupdate.cli import simulate as command
+
+    home = tmp_path / "server"
+    server = start_server(home, "--poll-interval", "3600", "--no-access-log")
+    publish(home, tmp_path, "Trio", "7.2.0")
+    screen = io.StringIO()
+    terminal = Console(file=screen, force_terminal=True, width=120, color_system=None)
+    monkeypatch.setattr(command, "stderr", terminal)
+    result = cli(
+        tmp_path / "unused-home",
+        "simulate",
+        "--url", f"https://127.0.0.1:{server.port}",
+        "--cafile", server.cafile,
+        "-n", 40,
+        "--fleet", "Trio=7.1.0",
+        "--peripherals", 1,
+        "--in-call", "50%",
+        "--call-length", "3s",  # 1.5-3 s: the live view refreshes every 0.5 s meanwhile
+        "--until-done",
+        "--duration", "20s",
+        "--json",
+    )  # fmt: skip
+    assert json.loads(result.stdout)["done"] is True
+    frames = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert f"Rehearsal https://127.0.0.1:{server.port}" in frames
+    assert re.search(r"polls \d+ \(\d+/s\)  downloaded [0-9.]+ MB  errors: none", frames)
+    columns = ["Type", "Devices", "On target", "Pending", "In progress", "Failed", "No policy"]
+    assert re.search(" +".join([*columns, "Not polled yet"]), frames)
+    # While the calls last: the other half is done; the cameras have no policy, and
+    # those of endpoints in a call are not known yet (so count as managed: 20 of 60).
+    assert re.search(r"Trio +40 +20 +0 +0 +0 +0 +20", frames), "20 on target, 20 in a call"
+    assert re.search(r"EagleEyeIV +40 +0 +0 +0 +0 +20 +20", frames)
+    assert "███████░░░░░░░░░░░░░ 33% on target" in frames
+    assert "████████████████████ 100% on target" in frames
+    assert re.search(r"Trio +40 +40 +0 +0 +0 +0 +0", frames)
 
 
 # -- the pieces ----------------------------------------------------------------------------
@@ -294,3 +379,23 @@ def test_parse_percent_and_seconds():
     assert parse_seconds("1h30m", "--duration") == 5400.0
     with pytest.raises(InvalidInput, match="'0'"):
         parse_seconds("0", "--poll-interval")
+
+
+def test_every_option_is_documented():
+    from typer.main import get_command
+
+    root = Path(__file__).parent.parent
+    docs = (root / "docs" / "simulate.md").read_text()
+    synopsis = docs.split("## `dynupdate simulate`", 1)[1].split("### Example session", 1)[0]
+    readme = (root / "README.md").read_text()
+    summary = readme.split("### Rehearsing a rollout", 1)[1].split("\n```", 1)[0]
+    options = [
+        name
+        for parameter in get_command(app).commands["simulate"].params
+        for name in parameter.opts
+        if name.startswith("--") and name != "--help"
+    ]
+    assert len(options) > 15
+    for text, where in ((synopsis, "docs/simulate.md"), (summary, "the README")):
+        missing = [name for name in options if not re.search(rf"{name}\b", text)]
+        assert missing == [], f"options of simulate not in {where}"

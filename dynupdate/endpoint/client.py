@@ -1,9 +1,12 @@
-"""The endpoint's side of SPEC section 3: HTTP/1.1 over TLS, one connection per request.
+"""The endpoint's side of SPEC section 3: HTTP/1.1 over TLS.
 
-Real devices open a new connection for every poll, report and download, and
-so does :class:`EndpointClient`. Responses are parsed with ``httptools``
-(never by hand) and XML answers with a hardened lxml parser (no DTD, no
-entities, no network); requests are built with lxml, so every value is escaped.
+Like real devices, an endpoint opens a new connection for every poll; the
+reports and the download that follow it reuse that connection
+(:meth:`EndpointClient.session`). Responses are parsed with ``httptools``
+(never by hand) and XML answers with the server's own hardened lxml parser
+(:func:`dynupdate.protocol.hardened_parser`: no DTD, no entities, no network),
+so there is one hardening to maintain; requests are built with lxml, so every
+value is escaped.
 
 The server is trusted by a CA file, by the system's trust store, or by a
 pinned certificate: the SHA-256 of its DER bytes, which ``dynupdate serve``
@@ -27,7 +30,6 @@ import copy
 import hashlib
 import re
 import ssl
-import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -107,9 +109,9 @@ class Exchange:
 class ClientStats:
     """Counters shared by every endpoint that uses one client."""
 
-    requests: int = 0
+    requests: int = 0  # sent (or tried) on a connection
     connections: int = 0  # TLS connections opened
-    polls: int = 0
+    polls: int = 0  # answered by the server
     reports: int = 0
     downloads: int = 0
     heads: int = 0
@@ -157,31 +159,11 @@ def report_document(reports: Sequence[protocol.DeviceReport]) -> bytes:
     return _document(root)
 
 
-_local = threading.local()
-
-
-def _parser() -> etree.XMLParser:
-    try:
-        return _local.parser
-    except AttributeError:
-        _local.parser = etree.XMLParser(
-            resolve_entities=False,
-            no_network=True,
-            load_dtd=False,
-            dtd_validation=False,
-            remove_comments=True,
-            remove_pis=True,
-            huge_tree=False,
-            collect_ids=False,
-        )
-        return _local.parser
-
-
 def _load(body: bytes, name: str) -> etree._Element:
     if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
         raise EndpointError("bad-response", "The server's answer has a DOCTYPE; refused.")
     try:
-        root = etree.fromstring(body, _parser())
+        root = etree.fromstring(body, protocol.hardened_parser())
     except etree.XMLSyntaxError as e:
         raise EndpointError("bad-response", f"The server's answer is not XML: {e.msg}.") from None
     if root.tag != name or root.get("protocol") != protocol.PROTOCOL:
@@ -265,7 +247,7 @@ def _error_message(body: bytes) -> str:
     """The message of an ``<error>`` answer, if that is what ``body`` is."""
     with contextlib.suppress(Exception):
         if b"<!DOCTYPE" not in body and b"<!ENTITY" not in body:
-            root = etree.fromstring(body, _parser())
+            root = etree.fromstring(body, protocol.hardened_parser())
             if root.tag == "error":
                 return f"{root.get('code')}: {root.get('message')}"
     return ""
@@ -412,10 +394,10 @@ class EndpointClient:
         self, endpoint: protocol.PollEndpoint, peripherals: Sequence[protocol.Device] = ()
     ) -> PollAnswer:
         """``POST /poll``; the parsed answer, or :class:`EndpointError`."""
-        self.stats.polls += 1
         status, _, body = await self._call(
             "POST", self.poll_url, poll_document(endpoint, peripherals)
         )
+        self.stats.polls += 1  # answered: not while queued for a connection, nor lost
         if status != 200:
             raise self._count(_http_error("poll", status, body))
         try:
@@ -610,7 +592,6 @@ class EndpointClient:
         sent = {"Host": target.netloc, "User-Agent": self.user_agent, **(headers or {})}
         if body is not None:
             sent["Content-Type"] = "application/xml"
-        self.stats.requests += 1
         response = _Response(receiver, head_only=method == "HEAD")
         error: EndpointError | None = None
         try:
@@ -651,6 +632,7 @@ class EndpointClient:
         body: bytes | None,
         response: _Response,
     ) -> None:
+        self.stats.requests += 1  # counted once it has a connection slot, not while queued
         keep = self._links is not None
         lines = [f"{method} {target.path} HTTP/1.1"]
         lines += [f"{name}: {value}" for name, value in headers.items()]

@@ -176,7 +176,11 @@ class Endpoint:
             delay = self._next_delay(answer)
 
     async def poll_once(self, client: EndpointClient) -> PollAnswer:
-        """One poll and the updates it offers; the answer, or :class:`EndpointError`."""
+        """One poll and the updates it offers; the answer, or :class:`EndpointError`.
+
+        :meth:`run` never calls it during a call; called then anyway, the poll
+        says ``in-call="true"``, so the server offers nothing.
+        """
         endpoint = protocol.PollEndpoint(
             self.device.serial,
             self.device.type,
@@ -184,7 +188,7 @@ class Endpoint:
             self.model,
             self.mac,
             self.tz,
-            in_call=False,  # never polls in a call, so never says it is in one
+            in_call=self.in_call,  # run() never polls in a call; a forced poll says so
         )
         peripherals = [protocol.Device(p.serial, p.type, p.version) for p in self.peripherals]
         self.polls += 1
