@@ -9,7 +9,7 @@ import threading
 import pytest
 import sqlite_utils
 
-from dynupdate.core.db import DB_NAME, migrations, open_db, write
+from dynupdate.core.db import DB_NAME, connect, migrations, open_db, write
 from dynupdate.core.errors import StorageError
 
 
@@ -80,6 +80,28 @@ def test_write_rolls_back_on_error(tmp_path):
         db.execute("UPDATE config_generation SET generation = 99")
         raise RuntimeError("boom")
     assert db.execute("SELECT generation FROM config_generation").fetchone()[0] == 0
+
+
+def test_a_failed_commit_is_rolled_back_and_the_connection_stays_usable(tmp_path):
+    # In rollback-journal mode a reader's SHARED lock makes COMMIT itself fail with
+    # SQLITE_BUSY, and SQLite then leaves the transaction open (as a full disk can).
+    path = tmp_path / "commit.db"
+    db = connect(path)
+    assert db.conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0] == "delete"
+    db.conn.execute("PRAGMA busy_timeout = 100")
+    db.execute("CREATE TABLE t (x INTEGER)")
+    reader = sqlite3.connect(path, isolation_level=None, timeout=5)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM t").fetchone() == (0,)  # holds SHARED
+    with pytest.raises(sqlite3.OperationalError, match="locked"), write(db):
+        db.execute("INSERT INTO t VALUES (1)")
+    assert not db.conn.in_transaction
+    reader.execute("COMMIT")
+    with write(db):  # usable again: without the rollback, BEGIN fails inside a transaction
+        db.execute("INSERT INTO t VALUES (2)")
+    assert reader.execute("SELECT x FROM t").fetchall() == [(2,)]
+    reader.close()
+    db.close()
 
 
 def test_concurrent_first_opens_migrate_once(tmp_path):

@@ -160,9 +160,11 @@ def write(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
         raise StorageError(f"The database is busy ({e}); try again.") from e
     try:
         yield db
+        # Inside the try: a COMMIT that fails (SQLITE_BUSY, a full disk) may leave the
+        # transaction open, and the connection would refuse every later BEGIN.
+        db.conn.execute("COMMIT")
     except BaseException:
         if db.conn.in_transaction:
-            db.conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                db.conn.execute("ROLLBACK")
         raise
-    else:
-        db.conn.execute("COMMIT")
