@@ -1197,6 +1197,10 @@ def run(
     about a quarter off the CPU per request and per handshake).
     """
     factory = loop_factory(loop)
+    # A write past a file-size limit (RLIMIT_FSIZE) must fail with EFBIG, as a full
+    # disk does, not kill the server: Python ignores SIGXFSZ only when it owns the
+    # signal handlers (not when embedded). Inherited by the forked workers.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     if workers <= 1:
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(_serve(app_factory, host, port, ssl_context, server_opts, False, ready))

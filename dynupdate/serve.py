@@ -134,14 +134,19 @@ class EndpointWriter:
         if polls:
             try:
                 record_polls(db, polls)
-            except Exception:
-                log.exception("could not record %d polls", len(polls))
+            except Exception as e:
+                log.error("Could not record %d polls: %s", len(polls), _one_line(e))
         if reports:
             error: Exception | None = None
             try:
                 record_reports(db, reports)
             except Exception as e:
-                log.exception("could not record %d reports", len(reports))
+                # One line: a full disk or a held lock is an operator's matter, not a bug.
+                log.error(
+                    "Could not store a report of %d devices (answered 503): %s",
+                    len(reports),
+                    _one_line(e),
+                )
                 error = e
             for done in waiting:
                 done(error)
@@ -303,6 +308,10 @@ class PollApp:
         return any(
             p.sha256 == sha256 for kind in self.fleet().types.values() for p in kind.packages
         )
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _settle(future: asyncio.Future, error: Exception | None) -> None:

@@ -12,9 +12,11 @@ import contextlib
 import http.client
 import os
 import resource
+import select
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -162,6 +164,11 @@ def test_a_full_disk_answers_503_to_reports_and_polls_go_on(start_server, home_d
     assert stored_report(home_dir, "FULL-3") is None
     with contextlib.closing(sqlite3.connect(home_dir / "dynupdate.db")) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    # Each refused report is one log line naming the error, not a traceback.
+    server.stop()
+    refused = [line for line in server.log if "Could not store a report" in line]
+    assert len(refused) == 2 and all("answered 503" in line for line in refused), server.log
+    assert not any("Traceback" in line for line in server.log), "".join(server.log)
 
 
 def test_kill_9_under_load_loses_no_acknowledged_report(start_server, home_dir):
@@ -236,3 +243,59 @@ def test_kill_9_under_load_loses_no_acknowledged_report(start_server, home_dir):
         assert report(again, "AFTER-KILL")[0] == 200
     finally:
         again.stop()
+
+
+FSIZE_SCRIPT = """
+import errno, os, resource, signal, sys
+from dynupdate.httpd import Response, run
+
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # as in a program embedding Python
+
+async def app(request):
+    fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(4):
+            os.write(fd, b"x" * 1024)
+        answer = "written"
+    except OSError as e:
+        answer = errno.errorcode[e.errno]
+    finally:
+        os.close(fd)
+    return Response(200, [("Content-Type", "text/plain")], answer.encode())
+
+def ready(addresses):
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2048, hard))
+    print(addresses[0][1], flush=True)
+
+run(lambda: app, "127.0.0.1", 0, None, workers=1, ready=ready)
+"""
+
+
+def test_a_file_size_limit_is_an_error_not_the_servers_death(tmp_path):
+    script = tmp_path / "fsize.py"
+    script.write_text(FSIZE_SCRIPT)
+    args = [sys.executable, "-B", str(script), str(tmp_path / "big")]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    try:
+        assert select.select([process.stdout], [], [], 15)[0], "the server did not start"
+        port = int(process.stdout.readline())
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", "/")
+            answer = conn.getresponse().read()
+        except (OSError, http.client.HTTPException) as e:
+            answer = repr(e).encode()
+        finally:
+            conn.close()
+        assert answer == b"EFBIG", (answer, process.poll())
+        assert process.poll() is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+    assert process.returncode == 0
