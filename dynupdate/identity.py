@@ -1,8 +1,9 @@
 """Who may speak for a device: the serial a client certificate names (``--bind-serial``).
 
 Under mutual TLS with ``--bind-serial``, an endpoint may poll only as the
-serial in its certificate (the subject CN, or any DNS/URI/otherName SAN
-value), and report only for that serial and the peripherals registered
+serial in its certificate (the subject CN, or any DNS, URI or email SAN
+value; Python's ssl shows otherName SANs only as ``<unsupported>``, so they
+never count), and report only for that serial and the peripherals registered
 under it. A peripheral already attached to another endpoint cannot be
 claimed by a poll either.
 """
@@ -28,7 +29,7 @@ def certificate_names(peer_cert: dict | None) -> frozenset[str]:
             if key == "commonName":
                 names.add(value)
     for kind, value in peer_cert.get("subjectAltName", ()):
-        if kind in ("DNS", "URI", "othername", "email"):
+        if kind in ("DNS", "URI", "email"):
             names.add(value)
     return frozenset(names)
 

@@ -23,12 +23,19 @@ from typing import Any
 from dynupdate import protocol
 from dynupdate.core.db import connect
 from dynupdate.core.decision import DeviceState
-from dynupdate.core.endpoints import Sighting, StatusReport, record_polls, record_reports
+from dynupdate.core.endpoints import (
+    Sighting,
+    StatusReport,
+    record_polls,
+    record_reports,
+    registered_parents,
+)
 from dynupdate.core.fleet import FleetCache, FleetState
 from dynupdate.core.home import Home
 from dynupdate.core.store import is_sha256
 from dynupdate.core.times import utc_now
 from dynupdate.httpd import Request, Response, file_response
+from dynupdate.identity import Forbidden, certificate_names, check_poll, check_report
 
 __all__ = ["EndpointWriter", "PollApp", "ServeOptions"]
 
@@ -49,6 +56,8 @@ class ServeOptions:
     package_url: str | None = None  # a CDN or web server with a copy of the store
     fallback_base: str = "https://localhost:8443"
     flush_interval: float = 0.2  # seconds between grouped endpoint writes
+    # A client certificate speaks only for its own serial and peripherals (--bind-serial).
+    bind_serial: bool = False
     clock: Callable[[], datetime] = field(default=utc_now)
 
 
@@ -161,6 +170,7 @@ class PollApp:
         self._fleet = FleetCache(home.db, home.path / "dynupdate.db")
         self.writer = EndpointWriter(home.path / "dynupdate.db", self.options.flush_interval)
         self._bases: dict[str, str] = {}  # package URL base per Host header
+        self._bind_serial = self.options.bind_serial
 
     def start(self) -> None:
         self.writer.start()
@@ -224,6 +234,8 @@ class PollApp:
 
     def _poll(self, request: Request) -> Response:
         poll = protocol.parse_poll(request.body)
+        if self._bind_serial and (denied := self._deny_poll(request, poll)) is not None:
+            return denied
         now = self.options.clock()
         fleet = self.fleet()
         endpoint = poll.endpoint
@@ -266,6 +278,8 @@ class PollApp:
 
     async def _report(self, request: Request) -> Response:
         report = protocol.parse_report(request.body)
+        if self._bind_serial and (denied := await self._deny_report(request, report)) is not None:
+            return denied
         now = self.options.clock()
         items = [
             (StatusReport(d.serial, d.type, d.version, d.state, d.detail), now)
@@ -291,6 +305,40 @@ class PollApp:
             200, [XML], protocol.report_response(), log=f"{first.serial} report {first.state}"
         )
 
+    # Who may speak for a device (--bind-serial) --------------------------------------------
+
+    def _deny_poll(self, request: Request, poll: protocol.Poll) -> Response | None:
+        """403 unless the certificate names the polling endpoint and may claim its peripherals."""
+        names = certificate_names(request.peer_cert)
+        serial = poll.endpoint.serial
+        others = [p.serial for p in poll.peripherals if p.serial not in names]
+        parents = registered_parents(self.home.db, others) if others and serial in names else {}
+        try:
+            check_poll(names, serial, [(s, _owner(parents, s)) for s in others])
+        except Forbidden as e:
+            return _error(403, "forbidden", str(e))
+        return None
+
+    async def _deny_report(self, request: Request, report: protocol.Report) -> Response | None:
+        """403 unless every reported device is the certificate's or one of its peripherals."""
+        names = certificate_names(request.peer_cert)
+        others = list(dict.fromkeys(d.serial for d in report.devices if d.serial not in names))
+        if not others:
+            return None
+        for attempt in range(2):
+            parents = registered_parents(self.home.db, others)
+            try:
+                check_report(names, [(s, _owner(parents, s)) for s in others])
+                return None
+            except Forbidden as e:
+                denied = _error(403, "forbidden", str(e))
+            if attempt or all(s in parents for s in others):
+                break
+            # A peripheral's first poll may still wait for its grouped write (in this
+            # worker or another): a device reports right after polling. Look once more.
+            await asyncio.sleep(2 * self.options.flush_interval + 0.1)
+        return denied
+
     def _package(self, request: Request) -> Response:
         if request.method not in ("GET", "HEAD"):
             return _error(
@@ -308,6 +356,14 @@ class PollApp:
         return any(
             p.sha256 == sha256 for kind in self.fleet().types.values() for p in kind.packages
         )
+
+
+def _owner(parents: dict[str, str | None], serial: str) -> str | None:
+    """Who speaks for a registered device: its parent, or itself for an endpoint."""
+    if serial not in parents:
+        return None  # not registered yet: a poll may claim it as its peripheral
+    parent = parents[serial]
+    return serial if parent is None else parent
 
 
 def _one_line(error: BaseException) -> str:

@@ -213,7 +213,7 @@ def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.
         ) from None
     if client_ca is not None:
         client_ca = Path(client_ca)
-        _load_certs(client_ca)
+        _load_certs(client_ca, "client CA")
         try:
             ctx.load_verify_locations(cafile=str(client_ca))
         except (OSError, ssl.SSLError) as exc:
@@ -224,14 +224,14 @@ def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.
     return ctx
 
 
-def _load_certs(path: Path) -> list[x509.Certificate]:
-    data = _read(path, "certificate")
+def _load_certs(path: Path, what: str = "certificate") -> list[x509.Certificate]:
+    data = _read(path, what)
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError:
         certs = []
     if not certs:
-        raise InvalidInput(f"The TLS certificate file {path} holds no PEM certificate.")
+        raise InvalidInput(f"The TLS {what} file {path} holds no PEM certificate.")
     return certs
 
 

@@ -73,14 +73,15 @@ def make_file(tmp_path: Path):
 class ServerProcess:
     """``dynupdate serve`` as a real subprocess on 127.0.0.1, port chosen by the kernel."""
 
-    def __init__(self, home: Path, *args: str) -> None:
+    def __init__(self, home: Path, *args: str, cafile: Path | None = None) -> None:
+        """``cafile``: what clients trust (default: the self-signed certificate made in home)."""
         self.home = home
         command = [sys.executable, "-m", "dynupdate", "--home", str(home), "serve",
                    "--host", "127.0.0.1", "--port", "0", "--workers", "1", *args]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         self.log: list[str] = []
         self.port = self._wait_ready(deadline=time.monotonic() + 30)
-        self.cafile = home / "tls" / "server.crt"
+        self.cafile = cafile or home / "tls" / "server.crt"
         self.context = ssl.create_default_context(cafile=str(self.cafile))
         self._reader = threading.Thread(target=self._drain, daemon=True)
         self._reader.start()
@@ -128,8 +129,8 @@ class ServerProcess:
 def start_server():
     servers: list[ServerProcess] = []
 
-    def start(home: Path, *args: str) -> ServerProcess:
-        server = ServerProcess(home, *args)
+    def start(home: Path, *args: str, cafile: Path | None = None) -> ServerProcess:
+        server = ServerProcess(home, *args, cafile=cafile)
         servers.append(server)
         return server
 

@@ -850,7 +850,6 @@ def closed_within(sock: socket.socket, seconds: float) -> bool:
     return False
 
 
-@pytest.mark.xfail(strict=True, reason="serve needs --request-timeout (httpd has it, fixed 30 s)")
 def test_a_slow_header_sender_is_cut_off_by_the_whole_request_deadline(start_server, tmp_path):
     assert serve_has("--request-timeout"), "serve needs --request-timeout"
     server = start_server(tmp_path / "slow", "--request-timeout", "2")

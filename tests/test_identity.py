@@ -10,7 +10,11 @@ from dynupdate.identity import Forbidden, certificate_names, check_poll, check_r
 def test_certificate_names_and_rules():
     cert = {
         "subject": ((("commonName", "8211ABC"),),),
-        "subjectAltName": (("DNS", "alias.example"), ("IP Address", "10.0.0.1")),
+        "subjectAltName": (
+            ("DNS", "alias.example"),
+            ("IP Address", "10.0.0.1"),
+            ("othername", "<unsupported>"),  # what ssl shows for any otherName: not a name
+        ),
     }
     names = certificate_names(cert)
     assert names == {"8211ABC", "alias.example"}

@@ -452,6 +452,9 @@ def test_poll_interval_option_and_sigterm_flushes_writes(start_server, tmp_path)
         (["--poll-interval", "0"], "--poll-interval"),
         (["--public-url", "ftp://x"], "ftp://x"),
         (["--cert", "/nonexistent.pem"], "--key"),
+        (["--request-timeout", "0"], "--request-timeout"),
+        (["--request-timeout", "nan"], "--request-timeout"),
+        (["--request-timeout", "soon"], "--request-timeout"),
     ],
 )
 def test_bad_serve_options_are_one_line_errors(cli, args, named):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
@@ -37,6 +38,22 @@ def serve(
         0, "--workers", min=0, help="Processes sharing the port (0: one per core)."
     ),
     max_connections: int = typer.Option(10_000, "--max-connections", min=1),
+    request_timeout: str = typer.Option(
+        "30",
+        "--request-timeout",
+        help="Seconds (or 30s, 2m) a client gets to send a whole request, slow senders included.",
+    ),
+    client_ca: Path | None = typer.Option(
+        None,
+        "--client-ca",
+        help="PEM CA bundle: endpoints must present a client certificate it signed (mutual TLS).",
+    ),
+    bind_serial: bool = typer.Option(
+        False,
+        "--bind-serial",
+        help="An endpoint polls and reports only for the serial its client certificate names "
+        "(CN or a SAN) and its own peripherals; needs --client-ca.",
+    ),
     access_log: bool = typer.Option(
         True, "--access-log/--no-access-log", help="One line per request on stderr."
     ),
@@ -50,6 +67,12 @@ def serve(
 
     home = home_of(ctx)
     interval = _seconds(poll_interval)
+    timeout = _timeout(request_timeout)
+    if bind_serial and client_ca is None:
+        raise InvalidInput(
+            "--bind-serial needs --client-ca FILE: the serial comes from the endpoint's "
+            "client certificate."
+        )
     for name, url in (("--public-url", public_url), ("--package-url", package_url)):
         if url is not None and not url.startswith(("https://", "http://")):
             raise InvalidInput(f"Invalid {name} '{url}': use an http(s):// URL.")
@@ -57,7 +80,7 @@ def serve(
         raise InvalidInput("Give both --cert and --key, or neither (a self-signed one is made).")
     if cert is None:
         cert, key = tls.ensure_self_signed(home.path)
-    context = tls.server_context(cert, key)
+    context = tls.server_context(cert, key, client_ca)
     workers = workers or os.cpu_count() or 1
     shown_host = socket.gethostname() if host in ("0.0.0.0", "::") else host
     options = ServeOptions(
@@ -65,9 +88,13 @@ def serve(
         public_url=public_url,
         package_url=package_url,
         fallback_base=f"https://{shown_host}:{port}",
+        bind_serial=bind_serial,
     )
     state = state_of(ctx)
     say(f"Certificate SHA-256 fingerprint (for --pin): {tls.fingerprint(cert)}", quiet=state.quiet)
+    if client_ca is not None:
+        bound = "; each speaks only for its own serial" if bind_serial else ""
+        say(f"Endpoints need a client certificate from {client_ca}{bound}", quiet=state.quiet)
     home_path = home.path
     # Each worker opens its own connection: none may inherit this one across fork.
     home.close()
@@ -94,12 +121,28 @@ def serve(
         workers=workers,
         ready=ready,
         max_connections=max_connections,
+        request_timeout=timeout,
         access_log=log_line if access_log else None,
     )
 
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            value = parse_duration(text).total_seconds()
+        except InvalidInput:
+            value = math.nan
+    if not 1 <= value <= 3600:  # NaN fails too
+        raise InvalidInput(
+            f"Invalid --request-timeout '{text}': use 1 second to 1 hour, e.g. 30 or 2m."
+        )
+    return value
 
 
 def _seconds(text: str) -> int:

@@ -27,6 +27,7 @@ __all__ = [
     "overview",
     "record_polls",
     "record_reports",
+    "registered_parents",
 ]
 
 HISTORY_LIMIT = 50
@@ -349,6 +350,21 @@ def get_endpoint(db: sqlite_utils.Database, fleet: FleetState, serial: str) -> d
         )
     ]
     return data
+
+
+def registered_parents(db: sqlite_utils.Database, serials: Iterable[str]) -> dict[str, str | None]:
+    """The registered devices among ``serials``, each with its parent serial (None: an endpoint).
+
+    Serials not registered yet are absent from the answer.
+    """
+    wanted = list(dict.fromkeys(serials))
+    found: dict[str, str | None] = {}
+    for start in range(0, len(wanted), 500):  # well under SQLite's limit of host parameters
+        chunk = wanted[start : start + 500]
+        marks = ", ".join("?" * len(chunk))
+        query = f"SELECT serial, parent_serial FROM endpoints WHERE serial IN ({marks})"
+        found.update(db.execute(query, chunk).fetchall())
+    return found
 
 
 def overview(db: sqlite_utils.Database, fleet: FleetState) -> list[dict]:
