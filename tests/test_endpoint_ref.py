@@ -333,6 +333,20 @@ def test_head_mode_checks_headers_without_the_bytes(server, tmp_path):
     assert shown(server, "HEAD-1")["status"] == "up-to-date"
 
 
+def test_head_mode_refuses_a_package_of_another_size(server, tmp_path):
+    content = os.urandom(30_000)
+    sha = publish(server, tmp_path, "HeadBad", "2.0", content)
+    stored = server.home / "packages" / sha[:2] / sha
+    stored.chmod(0o600)
+    stored.write_bytes(content[:-1])
+    client = client_for(server)
+    endpoint = Endpoint("HEADBAD-1", "HeadBad", "1.0", download="head", max_attempts=1)
+    run(endpoint.poll_once(client))
+    assert (endpoint.device.status, endpoint.device.version) == ("failed", "1.0")
+    assert client.stats.errors == {"size-mismatch": 1} and client.stats.heads == 1
+    assert "29999 bytes; 30000 were announced" in shown(server, "HEADBAD-1")["report_detail"]
+
+
 def test_pinned_certificate(server):
     right = fingerprint(server.cafile)
     pinned = EndpointClient(f"https://127.0.0.1:{server.port}", pin=right.upper())

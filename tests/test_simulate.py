@@ -320,6 +320,36 @@ def test_live_view_on_a_terminal(start_server, tmp_path, monkeypatch):
     assert re.search(r"Trio +40 +40 +0 +0 +0 +0 +0", frames)
 
 
+def test_ctrl_c_stops_the_run_and_still_prints_the_summary(start_server, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    home = tmp_path / "server"
+    server = start_server(home, "--poll-interval", "3600")
+    command = [
+        sys.executable, "-m", "dynupdate", "--home", str(tmp_path / "unused-home"), "simulate",
+        "--url", f"https://127.0.0.1:{server.port}", "--cafile", str(server.cafile),
+        "-n", "5", "--fleet", "Nobody=1.0", "--duration", "1h", "--json",
+    ]  # fmt: skip
+    fleet = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while sum("POST /poll 200" in line for line in server.log) < 5:
+            assert fleet.poll() is None and time.monotonic() < deadline, fleet.poll()
+            time.sleep(0.02)
+        fleet.send_signal(signal.SIGINT)
+        out, err = fleet.communicate(timeout=20)
+    finally:
+        if fleet.poll() is None:
+            fleet.kill()
+            fleet.communicate()
+    assert fleet.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["polls"] == 5 and summary["counts"]["no_policy"] == 5
+    assert summary["elapsed_seconds"] < 20
+
+
 # -- the pieces ----------------------------------------------------------------------------
 
 
