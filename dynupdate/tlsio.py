@@ -1,0 +1,351 @@
+"""A TLS transport on a non-blocking :class:`ssl.SSLSocket`, driven by fd readiness callbacks.
+
+asyncio's (and uvloop's) TLS runs OpenSSL over memory BIOs: every record is
+copied between the socket, the BIOs and Python objects by a state machine
+written in Python (Cython in uvloop). For an update server, whose endpoints
+open a new connection for each poll, that plumbing cost more than parsing,
+deciding and answering the poll: measured on one core against nginx with the
+same ECDSA certificate (``bench/poll_server.py``), a trivial protocol on
+uvloop's TLS spent 1.4 times nginx's CPU per new connection, the same on an
+``SSLSocket`` that OpenSSL reads and writes itself 1.1 to 1.2 times.
+
+:class:`TLSTransport` implements the part of :class:`asyncio.Transport` that
+:mod:`dynupdate.httpd` uses (write with flow control, close, abort,
+pause/resume reading, extra info) for a protocol with ``get_buffer`` /
+``buffer_updated``. The handshake runs off the accept loop: an accepted
+socket is wrapped, then driven by readiness callbacks, under a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["TLSTransport"]
+
+_HANDSHAKE, _OPEN, _CLOSED = 0, 1, 2
+_READS_PER_WAKEUP = 16  # then let other connections run
+_CHUNK = 256 * 1024  # writes are cut to this, so a retried SSL_write stays bounded
+
+_WantRead = ssl.SSLWantReadError
+_WantWrite = ssl.SSLWantWriteError
+
+
+class TLSTransport:
+    """One server-side TLS connection; see the module docstring.
+
+    ``opened(transport)`` is called when the handshake succeeds, just before
+    ``protocol.connection_made``; ``failed(transport, exc)`` when it fails or
+    times out (the protocol never hears of such a connection).
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_buffered",
+        "_closing",
+        "_eof",
+        "_failed",
+        "_fd",
+        "_high",
+        "_loop",
+        "_low",
+        "_opened",
+        "_protocol",
+        "_protocol_paused",
+        "_reader",
+        "_reading_paused",
+        "_sock",
+        "_state",
+        "_timer",
+        "_want_read",
+        "_writer",
+    )
+
+    def __init__(
+        self,
+        loop: Any,
+        sock: ssl.SSLSocket,
+        protocol: Any,
+        *,
+        handshake_timeout: float,
+        opened: Callable[[TLSTransport], None],
+        failed: Callable[[TLSTransport, BaseException], None],
+    ) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._protocol = protocol
+        self._opened = opened
+        self._failed = failed
+        self._state = _HANDSHAKE
+        self._buffer: deque[bytes] = deque()
+        self._buffered = 0
+        self._high = 64 * 1024
+        self._low = 16 * 1024
+        self._protocol_paused = False
+        self._reading_paused = False
+        self._closing = False
+        self._eof = False
+        self._reader = self._writer = False  # registered with the loop
+        self._want_read = True  # the handshake (or a write) waits for the peer
+        self._timer = loop.call_later(handshake_timeout, self._expired)
+        # The ClientHello has usually arrived with the connection: try at once.
+        self._handshake()
+
+    # -- asyncio.Transport, the part httpd uses --------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        sock = self._sock
+        if self._state == _CLOSED:
+            return default
+        if name == "peercert":
+            return sock.getpeercert()
+        if name == "ssl_object":
+            return sock
+        if name == "peername":
+            return sock.getpeername()
+        if name == "sockname":
+            return sock.getsockname()
+        if name == "cipher":
+            return sock.cipher()
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closing or self._state == _CLOSED
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = 64 * 1024 if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        self._high, self._low = high, low
+
+    def get_write_buffer_size(self) -> int:
+        return self._buffered
+
+    def pause_reading(self) -> None:
+        if self._reading_paused or self._state != _OPEN:
+            return
+        self._reading_paused = True
+        self._update()
+
+    def resume_reading(self) -> None:
+        if not self._reading_paused or self._state != _OPEN:
+            return
+        self._reading_paused = False
+        self._update()
+        # OpenSSL may hold decrypted bytes the socket no longer signals.
+        self._loop.call_soon(self._read)
+
+    def write(self, data: bytes) -> None:
+        if self._closing or self._state != _OPEN or not data:
+            return
+        if not self._buffer:
+            if len(data) <= _CHUNK:
+                try:
+                    self._sock.send(data)  # all of it, or an SSLWantWriteError
+                    return
+                except (_WantWrite, _WantRead):
+                    pass
+                except (OSError, ValueError) as exc:
+                    self._close_now(exc)
+                    return
+                self._buffer.append(data)
+                self._buffered = len(data)
+            else:
+                self._queue(data)
+            self._update()
+        else:
+            self._queue(data)
+        if not self._protocol_paused and self._buffered > self._high:
+            self._protocol_paused = True
+            self._protocol.pause_writing()
+
+    def close(self) -> None:
+        """Send what is buffered, then close_notify, then close."""
+        if self._closing or self._state == _CLOSED:
+            return
+        self._closing = True
+        if self._state == _HANDSHAKE:
+            self._fail(ConnectionAbortedError("closed during the handshake"))
+        elif not self._buffer:
+            self._shutdown()
+        else:
+            self._update()
+
+    def abort(self) -> None:
+        """Close at once, dropping what is buffered."""
+        if self._state == _HANDSHAKE:
+            self._fail(ConnectionAbortedError("aborted during the handshake"))
+        else:
+            self._close_now(None)
+
+    # -- the loop's callbacks ----------------------------------------------------------------
+
+    def _handshake(self) -> None:
+        try:
+            self._sock.do_handshake()
+        except _WantRead:
+            self._want_read = True
+            self._update()
+            return
+        except _WantWrite:
+            self._want_read = False
+            self._update()
+            return
+        except (OSError, ValueError) as exc:
+            self._fail(exc)
+            return
+        self._timer.cancel()
+        self._timer = None
+        self._state = _OPEN
+        self._want_read = False
+        self._opened(self)
+        self._protocol.connection_made(self)
+        if self._state == _OPEN and not self._closing:
+            self._update()
+            self._read()  # the request often arrives with the handshake's last flight
+
+    def _on_readable(self) -> None:
+        if self._state == _HANDSHAKE:
+            self._handshake()
+        elif self._buffer and self._want_read:
+            self._flush()
+        else:
+            self._read()
+
+    def _on_writable(self) -> None:
+        if self._state == _HANDSHAKE:
+            self._handshake()
+        else:
+            self._flush()
+
+    def _read(self) -> None:
+        protocol = self._protocol
+        sock = self._sock
+        for _ in range(_READS_PER_WAKEUP):
+            if self._state != _OPEN or self._reading_paused or self._eof:
+                return
+            buffer = protocol.get_buffer(-1)
+            try:
+                n = sock.recv_into(buffer)
+            except _WantRead:
+                return
+            except _WantWrite:
+                return  # renegotiation is disabled: nothing to wait for
+            except (OSError, ValueError) as exc:
+                self._close_now(exc)
+                return
+            if not n:
+                self._eof = True
+                self._update()
+                if not protocol.eof_received():
+                    self.close()
+                return
+            protocol.buffer_updated(n)
+        if self._state == _OPEN and sock.pending():
+            self._loop.call_soon(self._read)
+
+    def _queue(self, data: bytes) -> None:
+        view = memoryview(data)
+        for start in range(0, len(data), _CHUNK):
+            self._buffer.append(bytes(view[start : start + _CHUNK]))
+        self._buffered += len(data)
+
+    def _flush(self) -> None:
+        buffer = self._buffer
+        sock = self._sock
+        while buffer:
+            data = buffer[0]
+            try:
+                sock.send(data)  # the same bytes again after a want: OpenSSL requires it
+            except _WantWrite:
+                self._want_read = False
+                self._update()
+                return
+            except _WantRead:
+                self._want_read = True
+                self._update()
+                return
+            except (OSError, ValueError) as exc:
+                self._close_now(exc)
+                return
+            buffer.popleft()
+            self._buffered -= len(data)
+            if self._protocol_paused and self._buffered <= self._low:
+                self._protocol_paused = False
+                self._protocol.resume_writing()
+                if self._state != _OPEN:
+                    return
+        self._want_read = False
+        if self._closing:
+            self._shutdown()
+        else:
+            self._update()
+
+    def _update(self) -> None:
+        """Register for exactly the readiness this connection waits for."""
+        state = self._state
+        if state == _HANDSHAKE:
+            reader, writer = self._want_read, not self._want_read
+        elif state == _OPEN:
+            if self._buffer:
+                reader, writer = self._want_read, not self._want_read
+            else:
+                reader, writer = False, False
+            if not (self._reading_paused or self._eof or self._closing):
+                reader = True
+        else:
+            reader = writer = False
+        loop, fd = self._loop, self._fd
+        if reader != self._reader:
+            self._reader = reader
+            if reader:
+                loop.add_reader(fd, self._on_readable)
+            else:
+                loop.remove_reader(fd)
+        if writer != self._writer:
+            self._writer = writer
+            if writer:
+                loop.add_writer(fd, self._on_writable)
+            else:
+                loop.remove_writer(fd)
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self._state == _HANDSHAKE:
+            self._fail(TimeoutError("TLS handshake timed out"))
+
+    # -- ending --------------------------------------------------------------------------------
+
+    def _release(self) -> None:
+        self._state = _CLOSED
+        self._update()
+        self._buffer.clear()
+        self._buffered = 0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._sock.close()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._state != _HANDSHAKE:
+            return
+        self._release()
+        self._failed(self, exc)
+
+    def _shutdown(self) -> None:
+        # close_notify, without waiting for the peer's: the answer is complete either way.
+        with contextlib.suppress(OSError, ValueError):
+            self._sock.unwrap()
+        self._close_now(None)
+
+    def _close_now(self, exc: BaseException | None) -> None:
+        if self._state != _OPEN:
+            return
+        self._closing = True
+        self._release()
+        self._loop.call_soon(self._protocol.connection_lost, exc)
