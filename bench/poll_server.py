@@ -50,13 +50,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+from _server import Serve, children, cpu_seconds, cpu_times, interference  # noqa: E402
 from overview_1m import fill_endpoints, set_up_policies  # noqa: E402
 
 TARGET, OLD = "6.2.2.0-100", "6.2.1.1-600021"
@@ -65,28 +65,9 @@ POLL = (
     '<poll protocol="1"><endpoint serial="{serial}" type="GroupSeries" version="{version}"'
     ' model="RealPresence Group 500" in-call="false"/></poll>'
 )
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- processes and CPU time ------------------------------------------------------------
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """utime+stime of each process (all its threads) plus its waited-for children."""
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += sum(int(v) for v in fields[11:15])  # fields 14-17: utime stime cutime cstime
-    return total / CLK_TCK
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            found += [int(c) for c in f.read().split()]
-    return found
 
 
 def settle(pids: list[int], limit: float = 3.0) -> float:
@@ -123,51 +104,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class Dynupdate:
-    """``dynupdate serve`` on 127.0.0.1, port 0, one worker, pinned."""
-
-    def __init__(self, home: Path, core: int | None) -> None:
-        self.command = [
-            *pinned(core), sys.executable, "-m", "dynupdate", "--home", str(home), "serve",
-            "--host", "127.0.0.1", "--port", "0", "--workers", "1", "--no-access-log",
-        ]  # fmt: skip
-        self.process = subprocess.Popen(self.command, stderr=subprocess.PIPE, text=True)
-        self.log: list[str] = []
-        deadline = time.monotonic() + 60
-        self.port = 0
-        try:
-            while not self.port and time.monotonic() < deadline:
-                line = self.process.stderr.readline()
-                if not line:
-                    raise SystemExit("dynupdate serve exited:\n" + "".join(self.log))
-                self.log.append(line)
-                if match := re.search(r"Serving https://127\.0\.0\.1:(\d+)", line):
-                    self.port = int(match[1])
-            if not self.port:
-                raise SystemExit("dynupdate serve did not start in 60 s")
-        except BaseException:
-            self.stop()
-            raise
-        self._drain = threading.Thread(target=self._read_log, daemon=True)
-        self._drain.start()
-
-    def _read_log(self) -> None:
-        for line in self.process.stderr:
-            self.log.append(line)
-            del self.log[:-50]
-
-    def pids(self) -> list[int]:
-        return [self.process.pid]
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 NGINX_CONF = """\
@@ -296,17 +232,6 @@ def ab_command(port: int, path: str, seconds: float, concurrency: int, body: Pat
             f"https://127.0.0.1:{port}{path}"]  # fmt: skip
 
 
-def cpu_times(core: int | None) -> list[int]:
-    """The /proc/stat line of one CPU (all CPUs for None): user nice system idle … steal."""
-    name = "cpu" if core is None else f"cpu{core}"
-    with open("/proc/stat") as f:
-        for line in f:
-            fields = line.split()
-            if fields[0] == name:
-                return [int(v) for v in fields[1:9]]
-    return [0] * 8
-
-
 def measure(server, command: list[str], parse, env: dict | None = None, core=None) -> dict:
     """One load run; adds µs of server CPU per request and how busy the server's CPU was."""
     pids = server.pids()
@@ -319,11 +244,7 @@ def measure(server, command: list[str], parse, env: dict | None = None, core=Non
     result["cpu_us"] = used / max(1, result["requests"]) * 1e6
     # Interference: time the server's CPU spent on other processes, and time the
     # hypervisor took from it (steal), as shares of the run.
-    delta = [b - a for a, b in zip(stat0, stat1, strict=True)]
-    total = sum(delta) or 1
-    busy = (delta[0] + delta[1] + delta[2] + delta[5] + delta[6]) / CLK_TCK
-    result["others"] = max(0.0, busy - used) / (total / CLK_TCK)
-    result["steal"] = delta[7] / total
+    result["others"], result["steal"] = interference(stat0, stat1, used)
     return result
 
 
@@ -415,8 +336,8 @@ def main() -> None:
             env = {"POLL_POOL": str(POOL), "POLL_STRIDE": str(stride)}
             print(f"\n== {size:,} endpoints in the database (filled in {took:.1f} s); "
                   f"wrk polls from a pool of {POOL:,} serials, stride {stride}")  # fmt: skip
-            server = Dynupdate(home, server_core)
-            commands.append(" ".join(server.command))
+            server = Serve(home, core=server_core)
+            commands.append(server.shown)
             try:
                 if nginx is None and not args.no_nginx:
                     cert, key = home / "tls" / "server.crt", home / "tls" / "server.key"
@@ -427,7 +348,7 @@ def main() -> None:
             finally:
                 server.stop()
             if any("Traceback" in line for line in server.log):
-                print("   server log:\n" + "".join(server.log[-20:]))
+                print("   server log:\n" + "".join(list(server.log)[-20:]))
             shutil.rmtree(home, ignore_errors=True)
         report(args, sizes, results, commands, nginx is not None)
     finally:

@@ -22,82 +22,24 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]
+
+from _server import Serve, admin, cpu_seconds, two_cores  # noqa: E402
 
 from dynupdate.endpoint import EndpointClient  # noqa: E402
 from dynupdate.endpoint.simulation import Simulation, build_fleet, parse_fleet  # noqa: E402
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class Server:
-    """``dynupdate serve`` in a subprocess; its port and fingerprint from its stderr."""
-
-    def __init__(self, home: Path, poll_interval: int, core: int | None) -> None:
-        command = [
-            sys.executable, "-m", "dynupdate", "--home", str(home), "serve",
-            "--host", "127.0.0.1", "--port", "0", "--workers", "1",
-            "--poll-interval", str(poll_interval), "--no-access-log",
-        ]  # fmt: skip
-        if core is not None:
-            command = ["taskset", "-c", str(core), *command]
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        self.pin = None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = self.process.stderr.readline()
-            if not line:
-                raise SystemExit("the server exited before serving")
-            if match := re.search(r"\(for --pin\): ([0-9a-f]{64})", line):
-                self.pin = match[1]
-            if match := re.search(r"Serving https://127\.0\.0\.1:(\d+)", line):
-                self.port = int(match[1])
-                break
-        else:
-            raise SystemExit("the server did not start within 60 s")
-        self.log: list[str] = []
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        for line in self.process.stderr:
-            self.log.append(line)
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def admin(home: Path, *args: str) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "dynupdate", "--home", str(home), "--quiet", *args],
-        check=True,
-        cwd=ROOT,
-    )
-
-
-async def rollout(args: argparse.Namespace, server: Server) -> dict:
+async def rollout(args: argparse.Namespace, server: Serve) -> dict:
     client = EndpointClient(
-        f"https://127.0.0.1:{server.port}",
+        server.url,
         pin=server.pin,
         max_connections=args.concurrency,
         timeout=60,
@@ -106,10 +48,10 @@ async def rollout(args: argparse.Namespace, server: Server) -> dict:
         args.endpoints, parse_fleet("GroupSeries=6.2.1"), download="head", seed=1
     )
     simulation = Simulation(client, fleet, seed=1)
-    pid = server.process.pid
-    cpu0, own0 = cpu_seconds(pid), time.process_time()
+    pids = server.pids()
+    cpu0, own0 = cpu_seconds(pids), time.process_time()
     summary = await simulation.run(until_done=True, duration=args.max_time)
-    cpu1, own1 = cpu_seconds(pid), time.process_time()
+    cpu1, own1 = cpu_seconds(pids), time.process_time()
     result = {
         "endpoints": args.endpoints,
         "concurrency": args.concurrency,
@@ -132,9 +74,9 @@ async def rollout(args: argparse.Namespace, server: Server) -> dict:
     if args.poll_phase:
         # Every endpoint polls once more: all are up to date, so this is the
         # plain poll, each on a new TLS connection.
-        polls0, cpu0, t0 = client.stats.polls, cpu_seconds(pid), time.monotonic()
+        polls0, cpu0, t0 = client.stats.polls, cpu_seconds(pids), time.monotonic()
         await asyncio.gather(*(endpoint.poll_once(client) for endpoint in fleet))
-        cpu1, elapsed = cpu_seconds(pid), time.monotonic() - t0
+        cpu1, elapsed = cpu_seconds(pids), time.monotonic() - t0
         polls = client.stats.polls - polls0
         result |= {
             "plain_polls": polls,
@@ -151,16 +93,19 @@ def main() -> None:
     parser.add_argument("--poll-interval", type=int, default=600, help="the server's, seconds")
     parser.add_argument("--max-time", type=float, default=900, help="give up after, seconds")
     parser.add_argument("--no-poll-phase", dest="poll_phase", action="store_false")
-    parser.add_argument("--pin-cores", action="store_true", help="server on core 0, fleet on 1")
+    parser.add_argument(
+        "--pin-cores", action="store_true", help="server on one core, fleet on another"
+    )
     parser.add_argument("--uvloop", action="store_true", help="run the fleet on uvloop")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    if args.pin_cores:
-        os.sched_setaffinity(0, {1})
+    server_core, client_core = two_cores() if args.pin_cores else (None, None)
+    if client_core is not None:
+        os.sched_setaffinity(0, {client_core})
     work = Path(tempfile.mkdtemp(prefix="dynupdate-rollout-"))
     home = work / "home"
-    server = Server(home, args.poll_interval, 0 if args.pin_cores else None)
+    server = Serve(home, core=server_core, args=["--poll-interval", str(args.poll_interval)])
     try:
         package = work / "gs-6.2.2.pup"
         package.write_bytes(os.urandom(64 * 1024))
