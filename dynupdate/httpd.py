@@ -42,7 +42,7 @@ from typing import Any
 import httptools
 
 from dynupdate.core.errors import InvalidInput
-from dynupdate.tlsio import TLSTransport
+from dynupdate.tlsio import TLSTransport, wrap_server_socket
 
 __all__ = [
     "ERROR_CODES",
@@ -696,6 +696,9 @@ class _Connection(asyncio.BufferedProtocol):
             response = server._internal_error()
             status, file, length = 500, None, len(response.body)
             head = self._head(500, response.headers, length, keep)
+        if file is None or request.method == "HEAD" or not length:
+            # Counted before the write: a client that has its answer sees it counted.
+            server.requests += 1
         if request.method == "HEAD" or not length:
             transport.write(head)
             sent = 0
@@ -716,7 +719,6 @@ class _Connection(asyncio.BufferedProtocol):
         self, method: str, path: str, status: int, sent: int, t0: float, log: str, keep: int
     ) -> None:
         server = self.server
-        server.requests += 1
         if server.access_log is not None:
             server._log_access(self.client[0], method, path, status, sent, t0, log)
         if keep:
@@ -781,6 +783,7 @@ class _Connection(asyncio.BufferedProtocol):
                 answer = self.server._internal_error()
             self._respond(request, answer, keep, t0)
             return
+        self.server.requests += 1
         self.transport.write(head)
         self.sent = 0
         task = self.loop.create_task(self._send_file(fd, file.offset, file.length))
@@ -1076,9 +1079,7 @@ class Server:
                 continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
-                tls = self.ssl_context.wrap_socket(
-                    conn, server_side=True, do_handshake_on_connect=False
-                )
+                conn, tls = wrap_server_socket(self.ssl_context, conn)
             except OSError:
                 self._count -= 1
                 self.handshake_failures += 1
@@ -1087,6 +1088,7 @@ class Server:
             self._handshaking.add(
                 TLSTransport(
                     self.loop,
+                    conn,
                     tls,
                     protocol,
                     handshake_timeout=self.handshake_timeout,
