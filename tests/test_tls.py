@@ -237,6 +237,12 @@ def test_server_context_tls_1_2_ciphers_are_forward_secret_aead(tmp_path: Path):
     assert name.startswith("ECDHE-ECDSA-") and ("GCM" in name or "CHACHA20" in name)
 
 
+def test_server_context_sends_one_session_ticket(tmp_path: Path):
+    # Endpoints poll over one connection at a time: a second ticket is work for nothing.
+    cert, key = ensure_self_signed(tmp_path)
+    assert server_context(cert, key).num_tickets == 1
+
+
 @pytest.fixture
 def pair(tmp_path: Path) -> tuple[Path, Path]:
     return ensure_self_signed(tmp_path / "home")
