@@ -211,13 +211,8 @@ class TLSTransport:
     def _handshake(self) -> None:
         try:
             self._tls.do_handshake()
-        except _WantRead:
-            self._want_read = True
-            self._update()
-            return
-        except _WantWrite:
-            self._want_read = False
-            self._update()
+        except (_WantRead, _WantWrite) as want:
+            self._wait(want)
             return
         except (OSError, ValueError) as exc:
             self._fail(exc)
@@ -287,13 +282,8 @@ class TLSTransport:
             data = buffer[0]
             try:
                 tls.write(data)  # the same bytes again after a want: OpenSSL requires it
-            except _WantWrite:
-                self._want_read = False
-                self._update()
-                return
-            except _WantRead:
-                self._want_read = True
-                self._update()
+            except (_WantRead, _WantWrite) as want:
+                self._wait(want)
                 return
             except (OSError, ValueError) as exc:
                 self._close_now(exc)
@@ -310,6 +300,11 @@ class TLSTransport:
             self._shutdown()
         else:
             self._update()
+
+    def _wait(self, want: ssl.SSLError) -> None:
+        """OpenSSL needs the socket readable (or writable) before it can go on."""
+        self._want_read = isinstance(want, _WantRead)
+        self._update()
 
     def _update(self) -> None:
         """Register for exactly the readiness this connection waits for."""
