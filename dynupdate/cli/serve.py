@@ -107,7 +107,8 @@ def serve(
 
     def ready(addresses: list[tuple[str, int]]) -> None:
         where = ", ".join(f"https://{_url_host(h)}:{p}" for h, p in addresses)
-        say(f"Serving {where} from {home_path} ({workers} workers)", quiet=state.quiet)
+        processes = f"{workers} worker" + ("s" if workers != 1 else "")
+        say(f"Serving {where} from {home_path} ({processes})", quiet=state.quiet)
         sys.stderr.flush()
 
     def log_line(line: str) -> None:
