@@ -1,0 +1,110 @@
+"""CPU per poll of the endpoint writes alone, with 1,000 and with 1,000,000 endpoints.
+
+What a poll costs the writer thread: ``record_polls`` on batches of 1,600
+polls (200 ms of polls at 8,000/s), each batch one transaction, from a pool of
+10,000 registered endpoints spread over the whole table, as the server's
+grouped writes do. With a big table every poll's row sits on another page,
+so the difference between the two sizes is what the fleet's size costs a poll.
+
+    .venv/bin/python bench/endpoint_writes.py [--endpoints 1000,1000000] [--batches 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dynupdate.core.db import connect
+from dynupdate.core.endpoints import Sighting, record_polls
+from dynupdate.core.home import open_home
+
+BATCH = 1600
+POOL = 10_000
+
+
+def fill(home: Path, count: int) -> None:
+    open_home(home).close()
+    db = sqlite3.connect(home / "dynupdate.db")
+    at = "2026-12-01T00:00:00Z"
+    rows = (
+        (f"SN{i:07d}", "GroupSeries", "groupseries", "6.1.0", at, at) for i in range(count)
+    )
+    db.executemany(
+        "INSERT INTO endpoints (serial, type, type_key, version, first_seen, last_poll, in_call)"
+        " VALUES (?, ?, ?, ?, ?, ?, 0)",
+        rows,
+    )
+    db.commit()
+    db.close()
+
+
+def measure(home: Path, count: int, batches: int) -> float:
+    """Seconds of this thread's CPU per poll written."""
+    rng = random.Random(1)
+    pool = [f"SN{rng.randrange(count):07d}" for _ in range(POOL)]
+    db = connect(home / "dynupdate.db")
+    try:
+        work = []
+        for k in range(batches + 1):
+            now = datetime.now(UTC)
+            work.append(
+                [
+                    (
+                        Sighting(
+                            pool[(k * BATCH + j) % POOL], "GroupSeries", "6.1.0", "Group 500",
+                            "00:11:22:33:44:55", None, False, "127.0.0.1",
+                        ),
+                        now,
+                    )
+                    for j in range(BATCH)
+                ]
+            )  # fmt: skip
+        record_polls(db, work[0])  # warm the cache
+        started = time.thread_time()
+        for batch in work[1:]:
+            record_polls(db, batch)
+        return (time.thread_time() - started) / (batches * BATCH)
+    finally:
+        db.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--endpoints", default="1000,1000000", help="fleet sizes, comma-separated")
+    parser.add_argument("--batches", type=int, default=30, help="batches of 1,600 polls")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    sizes = [int(n) for n in args.endpoints.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="dynupdate-writes-"))
+    try:
+        figures = {}
+        for count in sizes:
+            home = work / f"home-{count}"
+            started = time.perf_counter()
+            fill(home, count)
+            filled = time.perf_counter() - started
+            runs = sorted(measure(home, count, args.batches) for _ in range(args.repeat))
+            figures[count] = runs[len(runs) // 2]
+            shown = ", ".join(f"{r * 1e6:.1f}" for r in runs)
+            print(
+                f"{count:>9,} endpoints (filled in {filled:.1f} s): "
+                f"{figures[count] * 1e6:6.1f} µs CPU per poll written   runs: {shown}"
+            )
+        if len(sizes) > 1:
+            first, last = sizes[0], sizes[-1]
+            print(f"{last:,} vs {first:,}: x {figures[last] / figures[first]:.2f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
