@@ -180,6 +180,8 @@ def test_overview_counts_and_spread(fleet_home):
     assert gs["versions"] == [{"version": "6.2.2", "count": 1}, {"version": "6.2.1", "count": 3}]
     assert rows["EagleEyeIV"]["endpoints"] == 0
     assert rows["Unmanaged"]["counts"]["no-policy"] == 1
+    # No target, no share: not "0 % on target", which would read as a stalled rollout.
+    assert rows["Unmanaged"]["on_target_percent"] is None
 
 
 def test_unknown_serial(fleet_home):

@@ -402,8 +402,11 @@ def overview(db: sqlite_utils.Database, fleet: FleetState) -> list[dict]:
             for v, n in sorted(spread.items(), key=lambda item: version_key(item[0]), reverse=True)
         ]
         total = row["endpoints"]
+        # No target (no active policy): "0 % on target" would read as a stalled rollout.
         row["on_target_percent"] = (
-            round(100 * row["counts"]["up-to-date"] / total, 1) if total else None
+            round(100 * row["counts"]["up-to-date"] / total, 1)
+            if total and row["target_version"] is not None
+            else None
         )
         rows.append(row)
     return rows
