@@ -166,23 +166,24 @@ class TLSTransport:
     def write(self, data: bytes) -> None:
         if self._closing or self._state != _OPEN or not data:
             return
-        if not self._buffer:
-            if len(data) <= _CHUNK:
-                try:
-                    self._tls.write(data)  # all of it, or an SSLWantWriteError
-                    return
-                except (_WantWrite, _WantRead):
-                    pass
-                except (OSError, ValueError) as exc:
-                    self._close_now(exc)
-                    return
-                self._buffer.append(data)
-                self._buffered = len(data)
-            else:
-                self._queue(data)
+        if self._buffer:
+            self._queue(data)
+        elif len(data) > _CHUNK:
+            self._queue(data)
+            self._want_read = False
             self._update()
         else:
-            self._queue(data)
+            try:
+                self._tls.write(data)  # all of it, or an SSLWantWriteError
+                return
+            except (_WantRead, _WantWrite) as want:
+                # OpenSSL keeps what it wrote of it: these very bytes go again.
+                self._buffer.append(data)
+                self._buffered = len(data)
+                self._wait(want)
+            except (OSError, ValueError) as exc:
+                self._close_now(exc)
+                return
         if not self._protocol_paused and self._buffered > self._high:
             self._protocol_paused = True
             self._protocol.pause_writing()
