@@ -12,6 +12,7 @@ CPU time and RSS are read from ``/proc`` for the process and its children.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -99,15 +100,25 @@ def interference(before: list[int], after: list[int], used: float) -> tuple[floa
     return max(0.0, busy - used) / (total / CLK_TCK), delta[7] / total
 
 
-def rss_kib(pids: Sequence[int]) -> int:
-    """The sum of VmRSS of the processes, in KiB."""
-    total = 0
+def rss_parts(pids: Sequence[int]) -> dict[str, int]:
+    """The sums of VmRSS and its parts (RssAnon: the heap; RssFile: mapped files, code;
+    RssShmem: shared memory such as SQLite's ``-shm``) of the processes, in KiB."""
+    total = dict.fromkeys(("VmRSS", "RssAnon", "RssFile", "RssShmem"), 0)
     for pid in pids:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-                    break
+                key = line.split(":", 1)[0]
+                if key in total:
+                    total[key] += int(line.split()[1])
+    return total
+
+
+def open_fds(pids: Sequence[int]) -> int:
+    """The number of open file descriptors of the processes (sockets included)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += len(os.listdir(f"/proc/{pid}/fd"))
     return total
 
 
@@ -181,7 +192,13 @@ class Serve:
         return cpu_seconds(self.pids())
 
     def rss_kib(self) -> int:
-        return rss_kib(self.pids())
+        return rss_parts(self.pids())["VmRSS"]
+
+    def rss_parts(self) -> dict[str, int]:
+        return rss_parts(self.pids())
+
+    def open_fds(self) -> int:
+        return open_fds(self.pids())
 
     def stop(self) -> int:
         """SIGTERM, wait for a clean exit (SIGKILL after 30 s); the exit status."""

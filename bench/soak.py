@@ -29,8 +29,11 @@ What it does, in order:
 5. prints duration, polls, reports, errors by kind (client errors, non-200
    answers, anything the server wrote on stderr, a non-zero exit), the RSS at
    the start of the steady state (after ``--warmup``), at the end and its
-   maximum, and the server's CPU per poll. PASS when there was no error and
-   the RSS stayed within 10 % of the start; exits 1 on FAIL.
+   maximum (with its parts: heap, mapped files, shared memory), the server's
+   open file descriptors and the WAL's size, the server's CPU per poll, and
+   how much of both CPUs other processes took (and whether one of them moved
+   the pinned processes). PASS when there was no error and the RSS stayed
+   within 10 % of the start; exits 1 on FAIL.
 
     .venv/bin/python bench/soak.py                          # 10 minutes
     .venv/bin/python bench/soak.py --minutes 1 --rate 400   # short, no peak run
@@ -215,7 +218,9 @@ class Load:
 @dataclass
 class Sample:
     at: float  # seconds since the soak started
-    rss_kib: int
+    rss: dict[str, int]  # KiB: VmRSS, RssAnon, RssFile, RssShmem
+    fds: int  # the server's open file descriptors
+    wal: int  # bytes in the database's -wal file
     cpu: float  # server CPU seconds
     polls: int
     reports: int  # acknowledged (200)
@@ -225,15 +230,29 @@ class Sample:
     client_core: list[int]  # and of the load client's
 
 
-def sample(server: Serve, load: Load, began: float, base: Counter, cores: tuple) -> Sample:
+def sample(args, server: Serve, load: Load, began: float, base: Counter, cores: tuple) -> Sample:
     answers = load.answers
+    wal = args.home / "dynupdate.db-wal"
     polls = sum(n for (m, r, _), n in answers.items() if r == "poll") - base["polls"]
     reports = answers["POST", "report", 200] - base["reports"]
     return Sample(
-        time.monotonic() - began, server.rss_kib(), server.cpu_seconds(), polls, reports,
+        time.monotonic() - began, server.rss_parts(), server.open_fds(),
+        wal.stat().st_size if wal.exists() else 0, server.cpu_seconds(), polls, reports,
         sum(answers.values()) - base["requests"], time.process_time(), cpu_times(cores[0]),
         cpu_times(cores[1]),
     )  # fmt: skip
+
+
+def placement(server: Serve, cores: tuple) -> str:
+    """What another process changed in the pinning (``taskset -p`` on everything), or ""."""
+    moved = []
+    for name, pid, core in (("server", server.process.pid, cores[0]), ("load", 0, cores[1])):
+        if core is not None:
+            with contextlib.suppress(OSError):
+                allowed = sorted(os.sched_getaffinity(pid))
+                if allowed != [core]:
+                    moved.append(f"the {name} may now run on CPU {allowed}, not {core}")
+    return "; ".join(moved) + (" (changed by another process)" if moved else "")
 
 
 async def soak_phase(args, server: Serve, load: Load, rate: float, cores: tuple) -> list[Sample]:
@@ -245,7 +264,7 @@ async def soak_phase(args, server: Serve, load: Load, rate: float, cores: tuple)
     )
     seconds = args.minutes * 60
     began = time.monotonic()
-    samples = [sample(server, load, began, base, cores)]
+    samples = [sample(args, server, load, began, base, cores)]
     stop = asyncio.Event()
 
     async def sampler() -> None:
@@ -257,8 +276,12 @@ async def soak_phase(args, server: Serve, load: Load, rate: float, cores: tuple)
                 load.unexpected["server-exited"] += 1
                 stop.set()
                 return
-            s = sample(server, load, began, base, cores)
+            s = sample(args, server, load, began, base, cores)
             samples.append(s)
+            moved = placement(server, cores)
+            if moved and moved not in args.moved:
+                args.moved.append(moved)
+                print(f"  {s.at:5.0f} s  note: {moved}", file=sys.stderr, flush=True)
             if s.at - shown.at >= args.progress or stop.is_set():
                 span = max(s.at - shown.at, 1e-9)
                 recent = load.latency[latency_seen:]
@@ -268,7 +291,9 @@ async def soak_phase(args, server: Serve, load: Load, rate: float, cores: tuple)
                     f"  {s.at:5.0f} s  {(s.polls - shown.polls) / span:6.0f} polls/s"
                     f"  {(s.reports - shown.reports) / span:6.0f} reports/s"
                     f"  server CPU {(s.cpu - shown.cpu) / span:4.0%}"
-                    f"  RSS {s.rss_kib / MIB:6.1f} MiB  errors {sum(load.errors().values())}"
+                    f"  RSS {s.rss['VmRSS'] / MIB:6.1f} MiB  fds {s.fds}"
+                    f"  WAL {s.wal / 2**20:.1f} MiB"
+                    f"  errors {sum(load.errors().values())}"
                     f"  in flight {load.inflight:4d}  cycle p50 {percentile(recent, 0.5):.3f} s"
                     f" p99 {percentile(recent, 0.99):.3f} s  client lag {load.lag * 1e3:.0f} ms"
                     f"  others on the server's CPU {others:.0%} (steal {steal:.0%}),"
@@ -360,25 +385,27 @@ def main() -> int:
     parser.add_argument("--peak-seconds", type=float, default=20)
     parser.add_argument("--peak-concurrency", type=int, default=64)
     parser.add_argument("--connections", type=int, default=64, help="open at once during the soak")
+    parser.add_argument("--no-pin", action="store_true", help="pin neither server nor load")
     parser.add_argument("--keep", action="store_true", help="keep the temporary home")
     args = parser.parse_args()
     args.flips = 0
+    args.moved = []  # changes of the pinning made by others while it ran
     seconds = args.minutes * 60
     warmup = args.warmup if args.warmup is not None else min(60.0, max(15.0, seconds / 6))
     if seconds <= warmup + 2 * args.sample:
         raise SystemExit(f"--minutes {args.minutes:g} leaves no steady state after the warm-up")
 
     sys.stdout.reconfigure(line_buffering=True)  # figures and progress (stderr) in order
-    server_core, client_core = two_cores()
+    server_core, client_core = (None, None) if args.no_pin else two_cores()
     if client_core is not None:
         os.sched_setaffinity(0, {client_core})  # before any thread: they inherit it
     factory = loop_factory()
     if client_core is not None:
         where = f"server on CPU {server_core}, load on CPU {client_core}"
     else:
-        where = f"nothing pinned: this process may only use CPU {sorted(os.sched_getaffinity(0))}"
-        if (os.cpu_count() or 1) > 1:
-            where += " (taskset -c 0,1 … lets it use two)"
+        where = f"nothing pinned: server and load may use CPU {sorted(os.sched_getaffinity(0))}"
+        if len(os.sched_getaffinity(0)) < min(2, os.cpu_count() or 1):
+            where += " (taskset -c 0,1 … lets them use two)"
     print(
         f"python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}, sqlite {sqlite3.sqlite_version}, "
         f"{'uvloop' if factory else 'asyncio'}; {os.cpu_count()} cpus: {where}"
@@ -463,8 +490,8 @@ def report(args, samples, warmup, rate, load, fleet, errors, peak_errors, server
     span = last.at - first.at
     polls, reports = last.polls - first.polls, last.reports - first.reports
     cpu = last.cpu - first.cpu
-    start, end = first.rss_kib, last.rss_kib
-    top = max(s.rss_kib for s in steady)
+    start, end = first.rss["VmRSS"], last.rss["VmRSS"]
+    top = max(s.rss["VmRSS"] for s in steady)
     flat = end <= start * (1 + FLAT) and top <= start * (1 + FLAT)
     error_count = sum(errors.values())
     passed = flat and error_count == 0
@@ -489,7 +516,16 @@ def report(args, samples, warmup, rate, load, fleet, errors, peak_errors, server
     print(f"RSS (server)   start {start / MIB:.1f} MiB, end {end / MIB:.1f} MiB "
           f"({(end - start) / start:+.1%}), max {top / MIB:.1f} MiB ({(top - start) / start:+.1%})"
           f": {'PASS' if flat else 'FAIL'} (flat within {FLAT:.0%})")  # fmt: skip
-    print("RSS per minute " + " ".join(f"{s.rss_kib / MIB:.1f}" for s in per_minute) + " MiB")
+    print("RSS per minute " + " ".join(f"{s.rss['VmRSS'] / MIB:.1f}" for s in per_minute) + " MiB")
+    parts = [
+        f"{name[3:].lower()} {first.rss[name] / MIB:.1f} → {last.rss[name] / MIB:.1f}"
+        for name in ("RssAnon", "RssFile", "RssShmem")
+    ]
+    print(f"RSS parts      {', '.join(parts)} MiB (start → end; anon: the heap)")
+    print(f"WAL file       start {first.wal / 2**20:.1f} MiB, end {last.wal / 2**20:.1f} MiB, "
+          f"max {max(s.wal for s in steady) / 2**20:.1f} MiB")  # fmt: skip
+    print(f"open fds       start {first.fds}, end {last.fds}, max {max(s.fds for s in steady)}"
+          " (the server's; each open connection is one)")  # fmt: skip
     print(f"server CPU     {cpu / max(polls, 1) * 1e3:.3f} ms per poll, "
           f"{cpu / max(last.requests - first.requests, 1) * 1e3:.3f} ms per request; "
           f"busy {cpu / span:.0%} of one core (steady state)")  # fmt: skip
@@ -506,6 +542,8 @@ def report(args, samples, warmup, rate, load, fleet, errors, peak_errors, server
     if polls / span < 0.9 * rate:
         print(f"note: the load fell behind the target rate ({polls / span:.0f} of {rate:.0f}/s):"
               f" see the interference line")  # fmt: skip
+    for moved in args.moved:
+        print(f"note: {moved}")
     if server.after_start:
         print("server stderr (first lines):\n" + "".join(server.after_start[:30]))
     if load.first_traceback:
