@@ -39,6 +39,7 @@ BENCHES = (
     Bench("package_import", ("--size", "256M"), "package add vs sha256sum on one file"),
     Bench("http_transport", (), "the HTTP/TLS transport alone, trivial app"),
     Bench("overview_1m", ("--repeat", "3"), "fleet views with 1,000,000 endpoints"),
+    Bench("endpoint_writes", (), "a poll's row update, 1,000 vs 1,000,000 endpoints"),
     Bench("rollout", ("--pin-cores",), "a 10,000-endpoint rollout through one server"),
     Bench("soak", ("--minutes", "1"), "polls and reports at half the peak; errors, RSS"),
     Bench(
