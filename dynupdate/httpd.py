@@ -1085,17 +1085,18 @@ class Server:
                 self.handshake_failures += 1
                 conn.close()
                 continue
-            self._handshaking.add(
-                TLSTransport(
-                    self.loop,
-                    conn,
-                    tls,
-                    protocol,
-                    handshake_timeout=self.handshake_timeout,
-                    opened=self._handshaking.discard,
-                    failed=self._handshake_failed,
-                )
+            transport = TLSTransport(
+                self.loop,
+                conn,
+                tls,
+                protocol,
+                handshake_timeout=self.handshake_timeout,
+                opened=self._handshaking.discard,
+                failed=self._handshake_failed,
             )
+            # Registered first: the handshake may end (either way) inside start().
+            self._handshaking.add(transport)
+            transport.start()
 
     def _handshake_failed(self, transport: TLSTransport, exc: BaseException) -> None:
         # Failed or timed-out handshakes (plain HTTP on the TLS port, silent

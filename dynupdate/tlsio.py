@@ -56,8 +56,8 @@ class TLSTransport:
     """One server-side TLS connection; see the module docstring.
 
     ``sock`` and ``tls`` are what :func:`wrap_server_socket` returns.
-    ``opened(transport)`` is called when the handshake succeeds, just before
-    ``protocol.connection_made``; ``failed(transport, exc)`` when it fails or
+    Nothing happens before :meth:`start`. ``opened(transport)`` is called when
+    the handshake succeeds, just before ``protocol.connection_made``; ``failed(transport, exc)`` when it fails or
     times out (the protocol never hears of such a connection).
     """
 
@@ -114,6 +114,9 @@ class TLSTransport:
         self._reader = self._writer = False  # registered with the loop
         self._want_read = True  # the handshake (or a write) waits for the peer
         self._timer = loop.call_later(handshake_timeout, self._expired)
+
+    def start(self) -> None:
+        """Begin the handshake; ``opened`` or ``failed`` may be called before this returns."""
         # The ClientHello has usually arrived with the connection: try at once.
         self._handshake()
 

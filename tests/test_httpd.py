@@ -719,6 +719,35 @@ def test_max_connections(serve, connect, loop):
     assert read_response(sock.makefile("rb"))[0] == 200
 
 
+@LOOPS
+def test_handshakes_that_end_at_once_leave_nothing_behind(serve, loop):
+    # Plain HTTP already waiting when the server accepts fails the handshake at
+    # its first step, inside the accept: such a connection once stayed in the
+    # server's set of handshakes for good (found by bench/soak.py as RSS growth).
+    running = serve(loop=loop)
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(0), running.loop).result(5)
+    busy = threading.Event()
+
+    def hold_the_loop():
+        busy.set()
+        time.sleep(0.3)  # the clients connect and send meanwhile; the kernel queues them
+
+    running.loop.call_soon_threadsafe(hold_the_loop)
+    assert busy.wait(5)
+    clients = []
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", running.port), timeout=5)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        clients.append(sock)
+    try:
+        assert wait_for(lambda: running.server.handshake_failures == 20)
+        assert wait_for(lambda: running.server.connections == 0)
+        assert not running.server._handshaking
+    finally:
+        for sock in clients:
+            sock.close()
+
+
 # ---------------------------------------------------------------------------
 # App failures and shutdown
 

@@ -127,7 +127,7 @@ def test_a_slow_reader_gets_every_byte_in_order_and_the_writer_is_paused(
             handshake_timeout=10,
             opened=lambda t: None,
             failed=lambda t, exc: failures.append(exc),
-        )
+        ).start()
         # The client reads nothing until the server has filled every buffer.
         while not sender.paused and not failures:
             await asyncio.sleep(0.01)
@@ -176,7 +176,7 @@ def test_a_failed_handshake_is_reported_and_the_protocol_never_hears_of_it(loop,
             handshake_timeout=10,
             opened=lambda t: None,
             failed=lambda t, exc: failed.set_result(exc),
-        )
+        ).start()
         exc = await asyncio.wait_for(failed, 10)
         await asyncio.get_running_loop().run_in_executor(None, client.join, 10)
         listener.close()
