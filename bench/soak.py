@@ -243,6 +243,17 @@ def sample(args, server: Serve, load: Load, began: float, base: Counter, cores: 
     )  # fmt: skip
 
 
+def busy_elsewhere(a: Sample, b: Sample, *, pinned: bool) -> tuple[float, float, float]:
+    """(others, steal, others on the client's CPU) between two samples: the shares of CPU
+    time other processes used (all CPUs, and the same figure twice, when not pinned)."""
+    if not pinned:
+        others, steal = interference(a.core, b.core, b.cpu - a.cpu + b.own_cpu - a.own_cpu)
+        return others, steal, others
+    others, steal = interference(a.core, b.core, b.cpu - a.cpu)
+    client, _ = interference(a.client_core, b.client_core, b.own_cpu - a.own_cpu)
+    return others, steal, client
+
+
 def placement(server: Serve, cores: tuple) -> str:
     """What another process changed in the pinning (``taskset -p`` on everything), or ""."""
     moved = []
@@ -285,8 +296,7 @@ async def soak_phase(args, server: Serve, load: Load, rate: float, cores: tuple)
             if s.at - shown.at >= args.progress or stop.is_set():
                 span = max(s.at - shown.at, 1e-9)
                 recent = load.latency[latency_seen:]
-                others, steal = interference(shown.core, s.core, s.cpu - shown.cpu)
-                client = interference(shown.client_core, s.client_core, s.own_cpu - shown.own_cpu)
+                others, steal, client = busy_elsewhere(shown, s, pinned=cores[1] is not None)
                 print(
                     f"  {s.at:5.0f} s  {(s.polls - shown.polls) / span:6.0f} polls/s"
                     f"  {(s.reports - shown.reports) / span:6.0f} reports/s"
@@ -297,7 +307,7 @@ async def soak_phase(args, server: Serve, load: Load, rate: float, cores: tuple)
                     f"  in flight {load.inflight:4d}  cycle p50 {percentile(recent, 0.5):.3f} s"
                     f" p99 {percentile(recent, 0.99):.3f} s  client lag {load.lag * 1e3:.0f} ms"
                     f"  others on the server's CPU {others:.0%} (steal {steal:.0%}),"
-                    f" on the client's {client[0]:.0%}",
+                    f" on the client's {client:.0%}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -397,6 +407,7 @@ def main() -> int:
 
     sys.stdout.reconfigure(line_buffering=True)  # figures and progress (stderr) in order
     server_core, client_core = (None, None) if args.no_pin else two_cores()
+    args.pinned = client_core is not None
     if client_core is not None:
         os.sched_setaffinity(0, {client_core})  # before any thread: they inherit it
     factory = loop_factory()
@@ -529,10 +540,13 @@ def report(args, samples, warmup, rate, load, fleet, errors, peak_errors, server
     print(f"server CPU     {cpu / max(polls, 1) * 1e3:.3f} ms per poll, "
           f"{cpu / max(last.requests - first.requests, 1) * 1e3:.3f} ms per request; "
           f"busy {cpu / span:.0%} of one core (steady state)")  # fmt: skip
-    others, steal = interference(first.core, last.core, cpu)
-    client, _ = interference(first.client_core, last.client_core, last.own_cpu - first.own_cpu)
-    print(f"interference   other processes used {others:.0%} of the server's CPU ({steal:.0%} "
-          f"steal) and {client:.0%} of the load client's (0% on a quiet machine)")  # fmt: skip
+    others, steal, client = busy_elsewhere(first, last, pinned=args.pinned)
+    if args.pinned:
+        print(f"interference   other processes used {others:.0%} of the server's CPU ({steal:.0%} "
+              f"steal) and {client:.0%} of the load client's (0% on a quiet machine)")  # fmt: skip
+    else:
+        print(f"interference   other processes used {others:.0%} of the CPUs ({steal:.0%} steal; "
+              f"0% on a quiet machine)")  # fmt: skip
     own = (last.own_cpu - first.own_cpu) / span
     latency = run["latency"]
     print(f"cycles         {run['cycles']:,} (poll + updates); latency p50 "
