@@ -57,8 +57,9 @@ class TLSTransport:
 
     ``sock`` and ``tls`` are what :func:`wrap_server_socket` returns.
     Nothing happens before :meth:`start`. ``opened(transport)`` is called when
-    the handshake succeeds, just before ``protocol.connection_made``; ``failed(transport, exc)`` when it fails or
-    times out (the protocol never hears of such a connection).
+    the handshake succeeds, just before ``protocol.connection_made``;
+    ``failed(transport, exc)`` when it fails or times out (the protocol never
+    hears of such a connection).
     """
 
     __slots__ = (
