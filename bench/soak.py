@@ -306,8 +306,12 @@ async def soak_phase(args, server: Serve, load: Load, rate: float, cores: tuple)
                     f"  errors {sum(load.errors().values())}"
                     f"  in flight {load.inflight:4d}  cycle p50 {percentile(recent, 0.5):.3f} s"
                     f" p99 {percentile(recent, 0.99):.3f} s  client lag {load.lag * 1e3:.0f} ms"
-                    f"  others on the server's CPU {others:.0%} (steal {steal:.0%}),"
-                    f" on the client's {client:.0%}",
+                    + (
+                        f"  others on the server's CPU {others:.0%} (steal {steal:.0%}),"
+                        f" on the client's {client:.0%}"
+                        if cores[1] is not None
+                        else f"  others on the CPUs {others:.0%} (steal {steal:.0%})"
+                    ),
                     file=sys.stderr,
                     flush=True,
                 )
