@@ -114,6 +114,13 @@ class ServerProcess:
         finally:
             conn.close()
 
+    def assert_alive(self) -> None:
+        assert self.process.poll() is None, "the server died:\n" + "".join(self.log[-30:])
+
+    def assert_no_traceback(self) -> None:
+        """Nothing the server wrote on stderr was a Python traceback."""
+        assert not any("Traceback" in line for line in self.log), "".join(self.log)
+
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         try:

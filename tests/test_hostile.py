@@ -46,13 +46,13 @@ def server(tmp_path_factory):
     admin(running, "policy", "set", "Hostile", "--version", "2.0")
     yield running
     running.stop()
-    assert not any("Traceback" in line for line in running.log), "".join(running.log)
+    running.assert_no_traceback()
 
 
 @pytest.fixture(autouse=True)
 def server_survives(server):
     yield
-    assert server.process.poll() is None, "the server died:\n" + "".join(server.log[-30:])
+    server.assert_alive()
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,7 @@ def bound(pki, tmp_path_factory):
     running = ServerProcess(home, *args, cafile=pki.ca_file)
     yield running
     running.stop()
-    assert not any("Traceback" in line for line in running.log), "".join(running.log)
+    running.assert_no_traceback()
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +79,7 @@ def _no_server_died(request):
     yield
     if "bound" in request.fixturenames:
         server = request.getfixturevalue("bound")
-        assert server.process.poll() is None, "the server died:\n" + "".join(server.log[-30:])
+        server.assert_alive()
 
 
 def poll_body(serial: str, *peripherals: str) -> bytes:
