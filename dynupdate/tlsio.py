@@ -106,8 +106,7 @@ class TLSTransport:
         self._state = _HANDSHAKE
         self._buffer: deque[bytes] = deque()
         self._buffered = 0
-        self._high = 64 * 1024
-        self._low = 16 * 1024
+        self.set_write_buffer_limits()
         self._protocol_paused = False
         self._reading_paused = False
         self._closing = False
