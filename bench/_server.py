@@ -48,6 +48,14 @@ def pinned(command: Sequence[str], core: int | None) -> list[str]:
     return [sys.executable, "-c", _PIN, str(core), *command]
 
 
+def taskset(core: int | None) -> list[str]:
+    """The ``taskset`` prefix that starts a command on CPU ``core`` (none for None).
+
+    For tools (nginx, wrk, ab) whose printed command lines are meant to be rerun by hand.
+    """
+    return ["taskset", "-c", str(core)] if core is not None else []
+
+
 def admin(home: Path, *args: str) -> str:
     """One ``python -m dynupdate --home H --quiet …`` command; its stdout. Exits if it fails."""
     command = [sys.executable, "-m", "dynupdate", "--home", str(home), "--quiet", *args]

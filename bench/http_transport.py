@@ -33,6 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _server import taskset  # noqa: E402
 
 BODY = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -131,16 +134,12 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def pinned(core: int | None) -> list[str]:
-    return ["taskset", "-c", str(core)] if core is not None else []
-
-
 def measure(args, server_pid, port, mode, total, client_core) -> tuple[float, float]:
     per_client = max(1, total // args.concurrency)
     command = [sys.executable, __file__, "_client", "--port", str(port), "--mode", mode]
     command += ["--count", str(per_client)] + (["--plain"] if args.plain else [])
     cpu0, wall0 = cpu_seconds(server_pid), time.perf_counter()
-    clients = [subprocess.Popen(pinned(client_core) + command) for _ in range(args.concurrency)]
+    clients = [subprocess.Popen(taskset(client_core) + command) for _ in range(args.concurrency)]
     for process in clients:
         if process.wait() != 0:
             raise SystemExit("a load client failed")
@@ -185,7 +184,7 @@ def main() -> None:
         cert, key = ensure_self_signed(home)  # ECDSA P-256, as served in production
         command = [sys.executable, __file__, "_server", "--cert", str(cert), "--key", str(key)]
         command += ["--loop", args.loop] + ["--plain"] * args.plain
-        server = subprocess.Popen(pinned(server_core) + command, stdout=subprocess.PIPE, text=True)
+        server = subprocess.Popen(taskset(server_core) + command, stdout=subprocess.PIPE, text=True)
         try:
             port = int(server.stdout.readline())
             from dynupdate.httpd import loop_factory

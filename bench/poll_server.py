@@ -56,7 +56,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from _server import Serve, children, cpu_seconds, cpu_times, interference  # noqa: E402
+from _server import Serve, children, cpu_seconds, cpu_times, interference, taskset  # noqa: E402
 from overview_1m import fill_endpoints, set_up_policies  # noqa: E402
 
 TARGET, OLD = "6.2.2.0-100", "6.2.1.1-600021"
@@ -81,10 +81,6 @@ def settle(pids: list[int], limit: float = 3.0) -> float:
             break
         last = now
     return last
-
-
-def pinned(core: int | None) -> list[str]:
-    return ["taskset", "-c", str(core)] if core is not None else []
 
 
 def wait_port(port: int, process: subprocess.Popen, timeout: float = 30) -> None:
@@ -148,7 +144,7 @@ class Nginx:
         self.port = free_port()
         conf = self.dir / "nginx.conf"
         conf.write_text(NGINX_CONF.format(dir=self.dir, port=self.port, cert=cert, key=key))
-        self.command = [*pinned(core), "nginx", "-p", str(self.dir), "-c", str(conf),
+        self.command = [*taskset(core), "nginx", "-p", str(self.dir), "-c", str(conf),
                         "-e", str(self.dir / "error.log")]  # fmt: skip
         self.process = subprocess.Popen(self.command)
         try:
@@ -220,14 +216,14 @@ def parse_ab(out: str) -> dict:
 
 
 def wrk_command(port: int, path: str, seconds: float, connections: int, script: bool, core):
-    command = [*pinned(core), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    command = [*taskset(core), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
     if script:
         command += ["-s", str(BENCH / "poll.lua")]
     return [*command, f"https://127.0.0.1:{port}{path}"]
 
 
 def ab_command(port: int, path: str, seconds: float, concurrency: int, body: Path, core):
-    return [*pinned(core), "ab", "-q", "-t", str(seconds), "-n", "100000000",
+    return [*taskset(core), "ab", "-q", "-t", str(seconds), "-n", "100000000",
             "-c", str(concurrency), "-p", str(body), "-T", "application/xml",
             f"https://127.0.0.1:{port}{path}"]  # fmt: skip
 
