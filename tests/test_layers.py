@@ -127,5 +127,15 @@ def test_the_decision_is_a_leaf():
     assert GRAPH["dynupdate.core.decision"] <= {
         "dynupdate.core",
         "dynupdate.core.versions",
+        "dynupdate.core.vocabulary",
+        "dynupdate.core.waves",
         "dynupdate.core.windows",
     }
+    # ... and those are leaves too: nothing of the package but errors and each other.
+    for leaf in ("versions", "vocabulary", "waves", "windows"):
+        assert GRAPH[f"dynupdate.core.{leaf}"] <= {
+            "dynupdate.core",
+            "dynupdate.core.errors",
+            "dynupdate.core.versions",
+            "dynupdate.core.durations",
+        }, leaf

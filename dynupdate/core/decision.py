@@ -9,35 +9,49 @@ For a device of type T running version C at time *now*:
 4. C is the target, or allow-newer is on and C ≥ target → ``up-to-date``;
 5. a window is set and *now* is outside it → ``outside-window`` + ``retry_at``;
 6. otherwise → update to the target package.
+
+While a rollout of the type is active (SPEC section 6), :func:`decide_rollout`
+decides instead: after rule 2, a device on the rollout's version V or newer is
+``up-to-date``; a device *admitted* (the rollout runs and an open wave covers
+it) is ``held``, ``outside-window``, ``rate-limited`` or offered V, in that
+order; every other device gets the decision of the policy as it stood at the
+start, aimed at the stable version, with ``up-to-date`` and ``no-policy``
+answered ``staged``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from dynupdate.core.versions import same_version, version_key
+from dynupdate.core.vocabulary import Reason, ReportState, RolloutState, Status
+from dynupdate.core.waves import Wave, covers
 from dynupdate.core.windows import Window, is_open, retry_at
 
 if TYPE_CHECKING:  # a leaf: packages (and the database) build on the decision, not under it
     from dynupdate.core.packages import Package
 
 __all__ = [
+    "RATE_LIMIT_RETRY",
     "Decision",
     "DeviceState",
     "Policy",
+    "RolloutView",
+    "Standing",
     "decide",
     "decide_for_target",
+    "decide_rollout",
     "is_satisfied",
+    "rollout_status",
+    "status_for_target",
     "target_package",
 ]
 
-NO_POLICY = "no-policy"
-IN_CALL = "in-call"
-UP_TO_DATE = "up-to-date"
-OUTSIDE_WINDOW = "outside-window"
+# A rate-limited device comes back no sooner than this after the answer.
+RATE_LIMIT_RETRY = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
@@ -58,11 +72,16 @@ class DeviceState:
 
 @dataclass(frozen=True)
 class Decision:
-    """``package`` is set when the device should update; ``reason`` otherwise."""
+    """``package`` is set when the device should update; ``reason`` otherwise.
+
+    ``opens_attempt``: the offer of a rollout's version that starts a new attempt
+    (the server reserves its slot before answering).
+    """
 
     package: Package | None = None
-    reason: str | None = None
+    reason: Reason | None = None
     retry_at: datetime | None = None
+    opens_attempt: bool = False
 
     @property
     def update(self) -> bool:
@@ -101,9 +120,11 @@ def decide(
 
 
 # Decisions are immutable: the ones without a package or a time are shared.
-_NO_POLICY = Decision(reason=NO_POLICY)
-_IN_CALL = Decision(reason=IN_CALL)
-_UP_TO_DATE = Decision(reason=UP_TO_DATE)
+_NO_POLICY = Decision(reason=Reason.NO_POLICY)
+_IN_CALL = Decision(reason=Reason.IN_CALL)
+_UP_TO_DATE = Decision(reason=Reason.UP_TO_DATE)
+_STAGED = Decision(reason=Reason.STAGED)
+_HELD = Decision(reason=Reason.HELD)
 
 
 def decide_for_target(
@@ -122,6 +143,131 @@ def decide_for_target(
         return _UP_TO_DATE
     if window is not None and not is_open(window, now, device.tz):
         return Decision(
-            reason=OUTSIDE_WINDOW, retry_at=retry_at(window, now, device.serial, device.tz)
+            reason=Reason.OUTSIDE_WINDOW, retry_at=retry_at(window, now, device.serial, device.tz)
         )
     return Decision(package=target)
+
+
+def status_for_target(
+    policy: Policy | None,
+    target: Package | None,
+    version: str,
+    report_state: str | None,
+    report_version: str | None,
+) -> Status:
+    """The update status from a policy's target and what the device last said."""
+    if policy is None or target is None:
+        return Status.NO_POLICY
+    if is_satisfied(version, target, policy.allow_newer):
+        return Status.UP_TO_DATE
+    return _progress(target, report_state, report_version)
+
+
+def _progress(target: Package, report_state: str | None, report_version: str | None) -> Status:
+    if report_version is not None and same_version(report_version, target.version):
+        if report_state in (ReportState.DOWNLOADING, ReportState.INSTALLING):
+            return Status.IN_PROGRESS
+        if report_state == ReportState.FAILED:
+            return Status.FAILED
+    return Status.PENDING
+
+
+# Staged rollouts (SPEC section 6) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RolloutView:
+    """What the decision needs of a type's active rollout."""
+
+    state: RolloutState
+    package: Package  # the version V being rolled out
+    stable_policy: Policy | None  # the type's policy as it stood at the start
+    stable: Package | None  # the stable package: the target of devices not admitted
+    wave: Wave  # the highest open wave
+
+    @property
+    def version(self) -> str:
+        return self.package.version
+
+
+@dataclass(frozen=True)
+class Standing:
+    """One device's standing in a rollout.
+
+    ``limited_until``: when a new attempt would exceed ``--max-in-flight`` or
+    ``--max-per-hour``, the time a slot is expected to free; None when one is free.
+    """
+
+    bucket: int
+    trial: bool = False
+    held: bool = False
+    attempt_open: bool = False
+    limited_until: datetime | None = None
+
+
+def decide_rollout(
+    rollout: RolloutView,
+    standing: Standing,
+    window: Window | None,
+    device: DeviceState,
+    now: datetime,
+) -> Decision:
+    """The decision for a device of a type with an active rollout (section 6)."""
+    if device.in_call:
+        return _IN_CALL
+    if _on_or_past(device.version, rollout.version):
+        return _UP_TO_DATE
+    if admitted(rollout, standing):
+        if standing.held:
+            return _HELD
+        if window is not None and not is_open(window, now, device.tz):
+            return Decision(
+                reason=Reason.OUTSIDE_WINDOW,
+                retry_at=retry_at(window, now, device.serial, device.tz),
+            )
+        if not standing.attempt_open and standing.limited_until is not None:
+            return Decision(
+                reason=Reason.RATE_LIMITED,
+                retry_at=max(standing.limited_until, now + RATE_LIMIT_RETRY),
+            )
+        return Decision(package=rollout.package, opens_attempt=not standing.attempt_open)
+    stable = decide_for_target(rollout.stable_policy, rollout.stable, window, device, now)
+    if stable.reason in (Reason.UP_TO_DATE, Reason.NO_POLICY):
+        return _STAGED
+    return stable
+
+
+def admitted(rollout: RolloutView, standing: Standing) -> bool:
+    """Whether the rollout runs and one of its open waves covers the device."""
+    return rollout.state == RolloutState.RUNNING and covers(
+        rollout.wave, bucket=standing.bucket, trial=standing.trial
+    )
+
+
+def rollout_status(
+    rollout: RolloutView,
+    standing: Standing,
+    version: str,
+    report_state: str | None,
+    report_version: str | None,
+    *,
+    attempted: bool,
+) -> Status:
+    """A device's status while a rollout of its type is active (section 6, Statuses).
+
+    ``attempted``: the device has an attempt in this rollout, whatever its state.
+    """
+    if _on_or_past(version, rollout.version):
+        return Status.UP_TO_DATE
+    if standing.held:
+        return Status.HELD
+    if attempted or admitted(rollout, standing):
+        return _progress(rollout.package, report_state, report_version)
+    status = status_for_target(
+        rollout.stable_policy, rollout.stable, version, report_state, report_version
+    )
+    return Status.WAITING if status in (Status.UP_TO_DATE, Status.NO_POLICY) else status
+
+
+def _on_or_past(version: str, target: str) -> bool:
+    return version == target or version_key(version) >= version_key(target)

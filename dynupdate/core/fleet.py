@@ -22,14 +22,13 @@ from dynupdate.core.decision import (
     DeviceState,
     Policy,
     decide_for_target,
-    is_satisfied,
+    status_for_target,
     target_package,
 )
 from dynupdate.core.devices import type_key
 from dynupdate.core.maintenance import load_window
 from dynupdate.core.packages import Package, list_packages
 from dynupdate.core.policies import load_policies
-from dynupdate.core.versions import same_version
 from dynupdate.core.windows import Window
 
 __all__ = [
@@ -42,7 +41,6 @@ __all__ = [
 ]
 
 STATUSES = ("no-policy", "up-to-date", "pending", "in-progress", "failed")
-_IN_PROGRESS = frozenset({"downloading", "installing"})
 
 
 @dataclass(frozen=True)
@@ -73,16 +71,7 @@ class FleetState:
     ) -> str:
         """The update status, derived from the policy now and what the device last said."""
         kind = self.of(type_)
-        if kind.target is None:
-            return "no-policy"
-        if is_satisfied(version, kind.target, kind.policy.allow_newer):
-            return "up-to-date"
-        if report_version is not None and same_version(report_version, kind.target.version):
-            if report_state in _IN_PROGRESS:
-                return "in-progress"
-            if report_state == "failed":
-                return "failed"
-        return "pending"
+        return status_for_target(kind.policy, kind.target, version, report_state, report_version)
 
 
 def current_generation(db: sqlite_utils.Database) -> int:
