@@ -17,6 +17,7 @@ from dynupdate.core.decision import (
     rollout_status,
 )
 from dynupdate.core.errors import InvalidInput
+from dynupdate.core.gates import RolloutOptions, WaveEvidence, halt_reason, wave_gate
 from dynupdate.core.vocabulary import RolloutState, Status
 from dynupdate.core.waves import (
     Wave,
@@ -212,3 +213,64 @@ def test_zero_percent_only_where_allowed():
     assert parse_percent("0%", "--max-failure-rate", zero=True) == 0
     with pytest.raises(InvalidInput, match="--min-success"):
         parse_percent("0%", "--min-success")
+
+
+# Gates -------------------------------------------------------------------------------
+
+OPENED = datetime(2026, 12, 2, 13, 5, tzinfo=UTC)
+SOAKED = OPENED + timedelta(hours=1)
+
+
+@pytest.mark.parametrize(
+    ("failed", "outcomes", "halts"),
+    [
+        (0, 0, None),
+        (4, 4, None),  # under --max-failures 5, and 4 outcomes < --min-devices 10
+        (5, 5, "5 failed devices reached --max-failures 5"),
+        (1, 10, None),  # 10 % is not over 10 %
+        (2, 19, "2 of 19 outcomes failed (10.53%), over --max-failure-rate 10%"),
+        (2, 20, None),
+        (1, 9, None),  # a rate counts only from --min-devices outcomes
+    ],
+)
+def test_halt_rules(failed, outcomes, halts):
+    assert halt_reason(RolloutOptions(), failed=failed, outcomes=outcomes) == halts
+
+
+@pytest.mark.parametrize(
+    ("evidence", "now", "blocked_by", "needed"),
+    [
+        # a wave with no live device passes after its soak
+        (WaveEvidence(), SOAKED, None, 0),
+        (WaveEvidence(), SOAKED - timedelta(seconds=1), "soaking until 2026-12-02T14:05:00Z", 0),
+        # fewer live devices than --min-devices: all of them are needed
+        (WaveEvidence(3, 3, 0, 3), SOAKED, None, 3),
+        (WaveEvidence(2, 2, 0, 3), SOAKED, "2 of 3 outcomes", 3),
+        (WaveEvidence(10, 10, 0, 500), SOAKED, None, 10),
+        # 95 % of outcomes and attempts in flight must be successes
+        (WaveEvidence(20, 19, 0, 500), SOAKED, None, 10),
+        (WaveEvidence(20, 19, 1, 500), SOAKED, "1 attempt in flight", 10),
+        (WaveEvidence(20, 18, 0, 500), SOAKED, "18 of 20 succeeded, 95% needed", 10),
+        (WaveEvidence(7, 7, 3, 40), OPENED,
+         "soaking until 2026-12-02T14:05:00Z; 7 of 10 outcomes; 3 attempts in flight", 10),
+    ],
+)  # fmt: skip
+def test_next_wave_gate(evidence, now, blocked_by, needed):
+    gate = wave_gate(RolloutOptions(), evidence, opened_at=OPENED, now=now)
+    assert gate.blocked_by == blocked_by
+    assert gate.passed is (blocked_by is None)
+    assert gate.needed == needed
+    assert set(gate.to_dict()) == {"outcomes", "needed", "succeeded", "in_flight", "blocked_by"}
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("min_devices", 0), ("max_attempts", 0), ("max_in_flight", 0)]
+)
+def test_options_refuse_nonsense(option, value):
+    with pytest.raises(InvalidInput, match=option.replace("_", "-")):
+        RolloutOptions(**{option: value})
+
+
+def test_a_soak_shorter_than_the_install_timeout_warns():
+    assert RolloutOptions(soak=timedelta(minutes=30)).warning
+    assert RolloutOptions(soak=timedelta(hours=2)).warning is None
