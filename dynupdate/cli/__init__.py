@@ -6,6 +6,7 @@ from dynupdate.cli import (
     backup,
     endpoint,
     integrity,
+    log,
     overview,
     package,
     policy,
@@ -27,6 +28,7 @@ app.command("simulate")(simulate.simulate)
 app.command("check")(integrity.check)
 app.command("backup")(backup.backup)
 app.command("restore")(backup.restore)
+app.command("log")(log.log)
 
 
 def main() -> None:
