@@ -6,6 +6,7 @@ from dynupdate.cli import (
     backup,
     endpoint,
     integrity,
+    key,
     log,
     overview,
     package,
@@ -22,6 +23,7 @@ app.add_typer(package.app, name="package")
 app.add_typer(policy.app, name="policy")
 app.add_typer(window.app, name="window")
 app.add_typer(endpoint.app, name="endpoint")
+app.add_typer(key.app, name="key")
 app.command("overview")(overview.overview)
 app.command("serve")(serve.serve)
 app.command("simulate")(simulate.simulate)

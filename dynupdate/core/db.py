@@ -143,6 +143,22 @@ def _m0003(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations(name="0004_activation_keys")
+def _m0004(db: sqlite_utils.Database) -> None:
+    # Keyed by serial first: a poll offering an update looks up that serial's keys.
+    db.executescript(
+        """
+        CREATE TABLE activation_keys (
+            serial TEXT NOT NULL,
+            version TEXT NOT NULL,
+            key TEXT NOT NULL,
+            imported TEXT NOT NULL,
+            PRIMARY KEY (serial, version)
+        ) WITHOUT ROWID;
+        """
+    )
+
+
 def connect(path: Path | str) -> sqlite_utils.Database:
     """Open the database file with the pragmas every connection needs."""
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
