@@ -19,6 +19,7 @@ import sqlite_utils
 from sqlite_utils import Migrations
 
 from dynupdate.core.errors import StorageError
+from dynupdate.core.waves import bucket
 
 __all__ = ["DB_NAME", "connect", "migrations", "open_db", "write"]
 
@@ -157,6 +158,85 @@ def _m0004(db: sqlite_utils.Database) -> None:
         ) WITHOUT ROWID;
         """
     )
+
+
+@migrations(name="0005_rollouts")
+def _m0005(db: sqlite_utils.Database) -> None:
+    # A rollout freezes the type's policy as it stood (stable_*), so the decision
+    # for devices it does not admit never moves while it is active. Per device,
+    # rollout_devices sums up its attempts; rollout_attempts keeps each one (what
+    # --max-per-hour counts, and the history an admin reads after a halt).
+    db.executescript(
+        """
+        CREATE TABLE rollouts (
+            id INTEGER PRIMARY KEY,
+            type TEXT NOT NULL,
+            type_key TEXT NOT NULL,
+            version TEXT NOT NULL,
+            stable_version TEXT,
+            policy_version TEXT,
+            policy_allow_newer INTEGER,
+            state TEXT NOT NULL,
+            waves TEXT NOT NULL,
+            wave INTEGER NOT NULL,
+            wave_opened_at TEXT NOT NULL,
+            options TEXT NOT NULL,
+            halt_reason TEXT,
+            resumed_at TEXT,
+            stopped_at TEXT,
+            stopped_seconds REAL NOT NULL DEFAULT 0,
+            started_at TEXT NOT NULL,
+            finished_at TEXT
+        );
+        CREATE UNIQUE INDEX rollouts_one_active ON rollouts (type_key)
+            WHERE state IN ('running', 'paused', 'halted');
+        CREATE TABLE rollout_devices (
+            rollout_id INTEGER NOT NULL REFERENCES rollouts (id),
+            serial TEXT NOT NULL,
+            bucket INTEGER NOT NULL,
+            trial INTEGER NOT NULL DEFAULT 0,
+            offered_at TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            failures INTEGER NOT NULL DEFAULT 0,
+            open_at TEXT,
+            open_stopped REAL,
+            installed_at TEXT,
+            succeeded_at TEXT,
+            failed_at TEXT,
+            detail TEXT,
+            PRIMARY KEY (rollout_id, serial)
+        ) WITHOUT ROWID;
+        CREATE TABLE rollout_attempts (
+            id INTEGER PRIMARY KEY,
+            rollout_id INTEGER NOT NULL REFERENCES rollouts (id),
+            serial TEXT NOT NULL,
+            opened_at TEXT NOT NULL,
+            ended_at TEXT,
+            outcome TEXT,
+            detail TEXT
+        );
+        CREATE INDEX rollout_attempts_opened ON rollout_attempts (rollout_id, opened_at);
+        CREATE TABLE trial_devices (
+            serial TEXT PRIMARY KEY,
+            added_at TEXT NOT NULL
+        ) WITHOUT ROWID;
+        ALTER TABLE packages ADD COLUMN blocked INTEGER NOT NULL DEFAULT 0;
+        -- The bucket of the device's endpoint (its own for an endpoint): waves
+        -- select devices by it without hashing a million serials per gate.
+        ALTER TABLE endpoints ADD COLUMN bucket INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX endpoints_bucket ON endpoints (type_key, bucket);
+        """
+    )
+    db.conn.create_function("bucket", 1, bucket, deterministic=True)
+    db.execute("UPDATE endpoints SET bucket = bucket(coalesce(parent_serial, serial))")
+    # What the decision reads changes with a rollout's state and with the trial
+    # devices: the server's cached fleet state must notice, as for policies.
+    for table in ("rollouts", "trial_devices"):
+        for event in ("INSERT", "UPDATE", "DELETE"):
+            db.execute(
+                f"CREATE TRIGGER {table}_{event.lower()}_generation AFTER {event} ON {table} "
+                "BEGIN UPDATE config_generation SET generation = generation + 1; END"
+            )
 
 
 def connect(path: Path | str) -> sqlite_utils.Database:

@@ -95,7 +95,8 @@ def target_package(policy: Policy | None, packages: Sequence[Package]) -> Packag
     if not policy.allow_newer:
         return next((p for p in packages if same_version(p.version, policy.version_to_use)), None)
     floor = version_key(policy.version_to_use)
-    eligible = [p for p in packages if version_key(p.version) >= floor]
+    # A blocked package (an aborted rollout's version) is never an allow-newer target.
+    eligible = [p for p in packages if not p.blocked and version_key(p.version) >= floor]
     return max(eligible, key=lambda p: version_key(p.version), default=None)
 
 

@@ -16,6 +16,7 @@ from dynupdate.core.errors import InvalidInput, NotFound
 from dynupdate.core.fleet import STATUSES, FleetState
 from dynupdate.core.times import format_utc
 from dynupdate.core.versions import same_version, version_key
+from dynupdate.core.waves import bucket
 
 __all__ = [
     "HISTORY_LIMIT",
@@ -144,7 +145,7 @@ def _record_poll(db: sqlite_utils.Database, s: Sighting, at: str, touched: set[s
         db.execute(
             "INSERT INTO endpoints (serial, type, type_key, version, model, mac, tz,"
             " in_call, address, parent_serial, first_seen, last_poll, offered_version,"
-            " offered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " offered_at, bucket) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 s.serial,
                 s.type,
@@ -160,6 +161,7 @@ def _record_poll(db: sqlite_utils.Database, s: Sighting, at: str, touched: set[s
                 at,
                 s.offered_version,
                 at if s.offered_version else None,
+                bucket(s.parent_serial or s.serial),
             ),
         )
         _history(db, s.serial, at, "first-seen", s.version)
@@ -173,7 +175,7 @@ def _record_poll(db: sqlite_utils.Database, s: Sighting, at: str, touched: set[s
         "UPDATE endpoints SET type = ?, type_key = ?, version = ?, model = ?, mac = ?,"
         " tz = ?, in_call = ?, address = ?, parent_serial = ?, last_poll = ?,"
         " offered_version = coalesce(?, offered_version),"
-        " offered_at = CASE WHEN ? THEN ? ELSE offered_at END WHERE serial = ?",
+        " offered_at = CASE WHEN ? THEN ? ELSE offered_at END, bucket = ? WHERE serial = ?",
         (
             s.type,
             type_key(s.type),
@@ -188,6 +190,7 @@ def _record_poll(db: sqlite_utils.Database, s: Sighting, at: str, touched: set[s
             s.offered_version,
             offer_changed,
             at,
+            bucket(s.parent_serial or s.serial),  # a peripheral leads with its endpoint
             s.serial,
         ),
     )

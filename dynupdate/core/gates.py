@@ -163,4 +163,3 @@ def wave_gate(
         evidence.in_flight,
         "; ".join(reasons) or None,
     )
-

@@ -39,16 +39,21 @@ class Package:
     sha256: str
     description: str | None
     uploaded: str
+    # An aborted rollout's version (or one uploaded during a rollout): never an
+    # allow-newer target, never offered, until a policy or rollout names it.
+    blocked: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_row(cls, row: dict | sqlite3.Row) -> Package:
-        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+        values = {name: row[name] for name in cls.__dataclass_fields__}
+        values["blocked"] = bool(values["blocked"])
+        return cls(**values)
 
 
-_COLUMNS = "type, version, name, size, sha256, description, uploaded"
+_COLUMNS = "type, version, name, size, sha256, description, uploaded, blocked"
 
 
 def _rows(db: sqlite_utils.Database, where: str = "", params: tuple = ()) -> list[Package]:
@@ -104,12 +109,16 @@ def add_package(
     progress: Callable[[int], None] | None = None,
     *,
     actor: str | None = None,
+    then: Callable[[sqlite_utils.Database, Package, bool], None] | None = None,
 ) -> tuple[Package, bool]:
     """Import ``source`` as the package of ``type_`` at ``version``.
 
     Returns the package and whether it was new. The identical file again is a
     no-op (and appends nothing to the audit log); a different file for an
     existing type and version is refused. ``actor``: see :func:`audit.append`.
+    A package uploaded while a rollout of its type is active is blocked.
+    ``then(db, package, new)`` runs inside the import's transaction (``package
+    add --rollout`` starts its rollout there, so no device sees V before it).
     """
     validate_type(type_)
     validate_version(version)
@@ -128,6 +137,8 @@ def add_package(
                     _forget_if_unused(db, store, staged.sha256)
                     raise _different(existing)
                 store.relink(staged)
+                if then is not None:
+                    then(db, existing, False)
                 return existing, False
             store.relink(staged)
             package = Package(
@@ -138,10 +149,11 @@ def add_package(
                 sha256=staged.sha256,
                 description=description,
                 uploaded=format_utc(utc_now()),
+                blocked=_rollout_active(db, type_),
             )
             db.execute(
                 "INSERT INTO packages (type, type_key, version, name, size, sha256, description,"
-                " uploaded) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " uploaded, blocked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     package.type,
                     type_key(package.type),
@@ -151,6 +163,7 @@ def add_package(
                     package.sha256,
                     package.description,
                     package.uploaded,
+                    int(package.blocked),
                 ),
             )
             detail = {
@@ -160,7 +173,21 @@ def add_package(
                 "name": package.name,
             }
             audit.append(db, actor, audit.Action.PACKAGE_ADD, package.type, detail)
+            if then is not None:
+                then(db, package, True)
         return package, True
+
+
+def _rollout_active(db: sqlite_utils.Database, type_: str) -> bool:
+    # Read here rather than through core.rollouts, which builds on packages.
+    return (
+        db.execute(
+            "SELECT 1 FROM rollouts WHERE type_key = ? AND state IN ('running', 'paused',"
+            " 'halted')",
+            (type_key(type_),),
+        ).fetchone()
+        is not None
+    )
 
 
 def _different(existing: Package) -> Conflict:
@@ -203,6 +230,17 @@ def remove_package(
                     f"{target and target.version}); change it first: "
                     f"dynupdate policy set {policy.type} --version …"
                 )
+        rollout = db.execute(
+            "SELECT state, version, stable_version FROM rollouts WHERE type_key = ?"
+            " AND state IN ('running', 'paused', 'halted')",
+            (type_key(package.type),),
+        ).fetchone()
+        if rollout is not None and package.version in rollout[1:]:
+            role = "the version" if package.version == rollout[1] else "the stable version"
+            raise Conflict(
+                f"Package {package.type} {package.version} is {role} of the {rollout[0]} rollout"
+                f" of {package.type}: dynupdate rollout abort {package.type} first."
+            )
         db.execute(
             "DELETE FROM packages WHERE type_key = ? AND version = ?",
             (type_key(package.type), package.version),

@@ -12,6 +12,7 @@ from dynupdate.core.decision import Policy, target_package
 from dynupdate.core.devices import type_key, validate_type
 from dynupdate.core.errors import InvalidInput, NotFound
 from dynupdate.core.packages import Package, find_package, list_packages
+from dynupdate.core.rollouts import refuse_during_rollout
 from dynupdate.core.times import format_utc, utc_now
 
 __all__ = [
@@ -113,9 +114,13 @@ def set_policy(
             raise InvalidInput(
                 f"No package {type_} {version} to use; available versions: {listed}."
             )
+        refuse_during_rollout(db, package.type, "the policy is frozen until it ends")
         current = load_policies(db).get(type_key(type_))
         if allow_newer is None:
             allow_newer = current.allow_newer if current else False
+        if package.blocked:  # naming a blocked version in a policy unblocks it
+            db.execute("UPDATE packages SET blocked = 0 WHERE type_key = ? AND version = ?",
+                       (type_key(package.type), package.version))  # fmt: skip
         db.execute(
             "INSERT INTO policies (type_key, type, version_to_use, allow_newer, updated)"
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT (type_key) DO UPDATE SET"
@@ -130,12 +135,13 @@ def set_policy(
             ),
         )
         before = (current.version_to_use, current.allow_newer) if current else (None, None)
-        if before != (package.version, allow_newer):
+        if package.blocked or before != (package.version, allow_newer):
             detail = {
                 "version_to_use": package.version,
                 "allow_newer": allow_newer,
                 "previous_version_to_use": before[0],
                 "previous_allow_newer": before[1],
+                "unblocked": package.blocked,
             }
             audit.append(db, actor, audit.Action.POLICY_SET, package.type, detail)
     return get_policy(db, type_)
@@ -147,6 +153,7 @@ def disable_policy(
     """Unset the version to use: the update is not activated (allow-newer is kept)."""
     with write(db):
         view = get_policy(db, type_)
+        refuse_during_rollout(db, view.type, "the policy is frozen until it ends")
         changed = db.execute(
             "UPDATE policies SET version_to_use = NULL, updated = ? WHERE type_key = ?"
             " AND version_to_use IS NOT NULL",
