@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess
+from helpers import ServerProcess
 from typer.testing import CliRunner
 
 from dynupdate.cli import app

@@ -10,7 +10,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conftest import ServerProcess
+from helpers import ServerProcess
 from lxml import etree
 from typer.testing import CliRunner
 
