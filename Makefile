@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 
 .PHONY: run test lint bench clean
 
-$(BIN)/.installed: pyproject.toml
+# __init__.py holds the version the installed metadata reports.
+$(BIN)/.installed: pyproject.toml dynupdate/__init__.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
