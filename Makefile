@@ -18,7 +18,7 @@ run: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=15
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/run_all.py
