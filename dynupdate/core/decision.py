@@ -16,10 +16,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-from dynupdate.core.packages import Package
 from dynupdate.core.versions import same_version, version_key
 from dynupdate.core.windows import Window, is_open, retry_at
+
+if TYPE_CHECKING:  # a leaf: packages (and the database) build on the decision, not under it
+    from dynupdate.core.packages import Package
 
 __all__ = [
     "Decision",

@@ -10,6 +10,7 @@ from pathlib import Path
 import sqlite_utils
 
 from dynupdate.core.db import write
+from dynupdate.core.decision import Policy, target_package
 from dynupdate.core.devices import type_key, validate_type
 from dynupdate.core.errors import Conflict, InvalidInput, NotFound
 from dynupdate.core.store import PackageStore
@@ -169,17 +170,23 @@ def remove_package(
     db: sqlite_utils.Database, store: PackageStore, type_: str, version: str
 ) -> Package:
     """Remove a package; refused while a policy needs it (its version to use or target)."""
-    from dynupdate.core.policies import policy_needing
-
     with write(db):
         package = get_package(db, type_, version)
-        policy = policy_needing(db, package)
-        if policy is not None:
-            raise Conflict(
-                f"Package {package.type} {package.version} is needed by the {policy.type} policy "
-                f"(version to use {policy.version_to_use}, target {policy.target_version}); "
-                f"change it first: dynupdate policy set {policy.type} --version …"
-            )
+        row = db.execute(
+            "SELECT type, version_to_use, allow_newer FROM policies"
+            " WHERE type_key = ? AND version_to_use IS NOT NULL",
+            (type_key(package.type),),
+        ).fetchone()
+        if row is not None:
+            policy = Policy(row[0], row[1], bool(row[2]))
+            target = target_package(policy, list_packages(db, package.type))
+            if package.version in (policy.version_to_use, target and target.version):
+                raise Conflict(
+                    f"Package {package.type} {package.version} is needed by the {policy.type} "
+                    f"policy (version to use {policy.version_to_use}, target "
+                    f"{target and target.version}); change it first: "
+                    f"dynupdate policy set {policy.type} --version …"
+                )
         db.execute(
             "DELETE FROM packages WHERE type_key = ? AND version = ?",
             (type_key(package.type), package.version),

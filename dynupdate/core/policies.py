@@ -19,7 +19,6 @@ __all__ = [
     "get_policy",
     "list_policies",
     "load_policies",
-    "policy_needing",
     "set_policy",
 ]
 
@@ -136,13 +135,3 @@ def disable_policy(db: sqlite_utils.Database, type_: str) -> PolicyView:
             (format_utc(utc_now()), type_key(type_)),
         )
     return PolicyView(view.type, None, view.allow_newer, None, view.packages)
-
-
-def policy_needing(db: sqlite_utils.Database, package: Package) -> PolicyView | None:
-    """The active policy whose version to use or target is ``package``, if any."""
-    view = _views(db).get(type_key(package.type))
-    if view is None or not view.active:
-        return None
-    if package.version in (view.version_to_use, view.target_version):
-        return view
-    return None
