@@ -72,6 +72,7 @@ class Decision:
 def target_package(policy: Policy | None, packages: Sequence[Package]) -> Package | None:
     """The package a policy sends devices to, or None when it is not active.
 
+    >>> from dynupdate.core.packages import Package
     >>> def package(version):
     ...     return Package("Trio", version, "trio.pup", 1, "0" * 64, None, "2026-01-01T00:00:00Z")
     >>> packages = [package("7.0"), package("7.1"), package("7.2")]
@@ -94,6 +95,7 @@ def target_package(policy: Policy | None, packages: Sequence[Package]) -> Packag
 def is_satisfied(version: str, target: Package, allow_newer: bool) -> bool:
     """Whether a device on ``version`` needs nothing from ``target`` (rule 4).
 
+    >>> from dynupdate.core.packages import Package
     >>> target = Package("Trio", "7.1", "trio.pup", 1, "0" * 64, None, "2026-01-01T00:00:00Z")
     >>> is_satisfied("7.1.0", target, allow_newer=False)  # the same version, spelt otherwise
     True
@@ -117,6 +119,7 @@ def decide(
     """Apply the rules above; ``packages`` are those of the device's type.
 
     >>> from datetime import UTC
+    >>> from dynupdate.core.packages import Package
     >>> gs = Package("GroupSeries", "6.2.2", "gs.pup", 1, "0" * 64, None, "2026-01-01T00:00:00Z")
     >>> policy = Policy("GroupSeries", "6.2.2", allow_newer=False)
     >>> now = datetime(2026, 11, 27, 16, 0, tzinfo=UTC)
