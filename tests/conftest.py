@@ -1,17 +1,10 @@
 from __future__ import annotations
 
-import http.client
 import json
-import re
-import signal
-import ssl
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from helpers import ServerProcess
 from typer.testing import CliRunner
 
 from dynupdate.cli import app
@@ -68,68 +61,6 @@ def make_file(tmp_path: Path):
         return path
 
     return make
-
-
-class ServerProcess:
-    """``dynupdate serve`` as a real subprocess on 127.0.0.1, port chosen by the kernel."""
-
-    def __init__(self, home: Path, *args: str, cafile: Path | None = None) -> None:
-        """``cafile``: what clients trust (default: the self-signed certificate made in home)."""
-        self.home = home
-        command = [sys.executable, "-m", "dynupdate", "--home", str(home), "serve",
-                   "--host", "127.0.0.1", "--port", "0", "--workers", "1", *args]
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-        self.log: list[str] = []
-        self.port = self._wait_ready(deadline=time.monotonic() + 30)
-        self.cafile = cafile or home / "tls" / "server.crt"
-        self.context = ssl.create_default_context(cafile=str(self.cafile))
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
-
-    def _wait_ready(self, deadline: float) -> int:
-        while time.monotonic() < deadline:
-            line = self.process.stderr.readline()
-            if not line:
-                raise RuntimeError(f"server exited: {''.join(self.log)}")
-            self.log.append(line)
-            if match := re.search(r"Serving https://127\.0\.0\.1:(\d+)", line):
-                return int(match.group(1))
-        raise RuntimeError("server did not start in time")
-
-    def _drain(self) -> None:
-        for line in self.process.stderr:
-            self.log.append(line)
-
-    def connection(self, timeout: float = 10) -> http.client.HTTPSConnection:
-        return http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context,
-                                           timeout=timeout)
-
-    def request(self, method: str, path: str, body: bytes | str | None = None,
-                headers: dict | None = None):
-        conn = self.connection()
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            conn.close()
-
-    def assert_alive(self) -> None:
-        assert self.process.poll() is None, "the server died:\n" + "".join(self.log[-30:])
-
-    def assert_no_traceback(self) -> None:
-        """Nothing the server wrote on stderr was a Python traceback."""
-        assert not any("Traceback" in line for line in self.log), "".join(self.log)
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._reader.join(timeout=5)
-        self.process.stderr.close()
 
 
 @pytest.fixture

@@ -10,7 +10,13 @@ import pytest
 import sqlite_utils
 
 from dynupdate.core.db import DB_NAME, connect, migrations, open_db, write
+from dynupdate.core.decision import Policy
 from dynupdate.core.errors import StorageError
+from dynupdate.core.fleet import current_generation, load_fleet_state
+from dynupdate.core.maintenance import clear_window, load_window, save_window
+from dynupdate.core.packages import Package, add_package, list_packages, remove_package
+from dynupdate.core.policies import disable_policy, load_policies, set_policy
+from dynupdate.core.windows import make_window
 
 
 def test_blank_database_migrates_to_every_migration(tmp_path):
@@ -36,14 +42,40 @@ def test_second_open_is_a_noop(tmp_path):
     assert before == after
 
 
-def test_older_schema_upgrades(tmp_path):
+def test_older_schema_upgrades_and_keeps_its_data(tmp_path):
+    """A home made by the first release, with a package, a policy and a window, upgrades."""
     first = migrations._migrations[0].name
     db = sqlite_utils.Database(tmp_path / DB_NAME)
     migrations.apply(db, stop_before=[m.name for m in migrations._migrations[1:]] or None)
-    assert [m.name for m in migrations.applied(db)][:1] == [first]
+    assert [m.name for m in migrations.applied(db)] == [first]
+    # Written as that release wrote them: plain SQL against its schema, not today's code.
+    db.executescript(
+        f"""
+        INSERT INTO packages (type, type_key, version, name, size, sha256, description, uploaded)
+            VALUES ('GroupSeries', 'groupseries', '6.2.2.0-100', 'gs.pup', 200000,
+                    '{"ab" * 32}', 'Spring release', '2026-03-01T10:00:00Z');
+        INSERT INTO policies (type_key, type, version_to_use, allow_newer, updated)
+            VALUES ('groupseries', 'GroupSeries', '6.2.2.0-100', 1, '2026-03-01T10:05:00Z');
+        INSERT INTO maintenance_window (id, days, start, duration_minutes, tz, updated)
+            VALUES (1, '["mon", "fri"]', '22:00', 240, 'Europe/Berlin', '2026-03-01T10:06:00Z');
+        """
+    )
+    generation = db.execute("SELECT generation FROM config_generation").fetchone()[0]
     db.close()
+
     upgraded = open_db(tmp_path)
+
     assert not migrations.pending(upgraded)
+    assert list_packages(upgraded) == [
+        Package("GroupSeries", "6.2.2.0-100", "gs.pup", 200000, "ab" * 32, "Spring release",
+                "2026-03-01T10:00:00Z")
+    ]
+    assert load_policies(upgraded) == {
+        "groupseries": Policy(type="GroupSeries", version_to_use="6.2.2.0-100", allow_newer=True)
+    }
+    assert load_window(upgraded) == make_window("mon,fri", "22:00", "4h", "Europe/Berlin")
+    assert upgraded.execute("SELECT generation FROM config_generation").fetchone()[0] == generation
+    upgraded.close()
 
 
 def test_pragmas_wal_foreign_keys_busy_timeout(tmp_path):
@@ -58,20 +90,28 @@ def test_database_file_is_private(tmp_path):
     assert stat.S_IMODE((tmp_path / DB_NAME).stat().st_mode) == 0o600
 
 
-def test_config_generation_moves_on_policy_package_window_changes(tmp_path):
-    db = open_db(tmp_path)
+def test_config_generation_moves_on_policy_package_window_changes(home, make_file):
+    """Every change the update decision reads moves the counter the server's cache watches."""
+    moves = []
 
-    def generation():
-        return db.execute("SELECT generation FROM config_generation").fetchone()[0]
+    def change(what: str, call) -> None:
+        before = current_generation(home.db)
+        call()
+        moves.append((what, current_generation(home.db) > before))
 
-    start = generation()
-    with write(db):
-        db.execute(
-            "INSERT INTO packages (type, type_key, version, name, size, sha256, uploaded)"
-            " VALUES ('Trio', 'trio', '7.0', 'f', 1, ?, 'now')",
-            ("a" * 64,),
-        )
-    assert generation() == start + 1
+    change("package add", lambda: add_package(home.db, home.store, make_file(b"7"), "Trio", "7.0"))
+    change("policy insert", lambda: set_policy(home.db, "Trio", "7.0"))
+    change("policy update", lambda: set_policy(home.db, "Trio", "7.0", allow_newer=True))
+    change("policy disable", lambda: disable_policy(home.db, "Trio"))
+    change("window insert", lambda: save_window(home.db, make_window("sat", "02:00", "1h", None)))
+    change("window update", lambda: save_window(home.db, make_window("sun", "03:00", "2h", None)))
+    change("window clear", lambda: clear_window(home.db))
+    change("package remove", lambda: remove_package(home.db, home.store, "Trio", "7.0"))
+    assert moves == [(what, True) for what, _ in moves]
+
+    unchanged = current_generation(home.db)
+    load_fleet_state(home.db)
+    assert current_generation(home.db) == unchanged, "reading is not a change"
 
 
 def test_write_rolls_back_on_error(tmp_path):

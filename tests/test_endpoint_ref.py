@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess
+from helpers import ServerProcess
 from typer.testing import CliRunner
 
 from dynupdate.cli import app
@@ -589,14 +589,38 @@ def test_run_backs_off_after_failed_polls():
         assert base * 0.9 <= wait <= base * 1.1
 
 
-def test_the_client_parses_with_the_servers_hardened_parser():
-    """One hardening to maintain: the client builds no XML parser of its own."""
-    import inspect
+def _poll_response_with(serial: str, prolog: str) -> str:
+    return (
+        f'{prolog}<pollResponse protocol="1" pollInterval="60" serverTime="2026-11-27T16:00:00Z">'
+        f'<noUpdate serial="{serial}" type="T" reason="no-policy"/></pollResponse>'
+    )
 
-    from dynupdate.endpoint import client
 
-    assert "XMLParser" not in inspect.getsource(client)
-    assert "protocol.hardened_parser()" in inspect.getsource(client)
+_UTF16 = '<?xml version="1.0" encoding="UTF-16"?>'
+_ENTITY = '<!DOCTYPE r [<!ENTITY x "EXPANDED">]>'
+_EXTERNAL = '<!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/hostname">]>'
+_LAUGHS = (
+    '<!DOCTYPE r [<!ENTITY x "&b;&b;&b;&b;&b;&b;&b;&b;"><!ENTITY b "&c;&c;&c;&c;&c;&c;&c;&c;">'
+    '<!ENTITY c "lol">]>'
+)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _poll_response_with("&x;", _ENTITY).encode(),
+        # UTF-16 hides the DOCTYPE from a byte search: only the parser can refuse it.
+        _poll_response_with("&x;", _UTF16 + _ENTITY).encode("utf-16"),
+        _poll_response_with("&x;", _UTF16 + _EXTERNAL).encode("utf-16"),
+        _poll_response_with("&x;", _UTF16 + _LAUGHS).encode("utf-16"),
+    ],
+    ids=["doctype", "utf16-entity", "utf16-external-entity", "utf16-laughs"],
+)
+def test_the_client_refuses_an_answer_with_entities_however_encoded(body):
+    """The client reads answers as the server reads requests: no DTD, no entity, UTF-8."""
+    with pytest.raises(EndpointError) as refused:
+        parse_poll_response(body)
+    assert refused.value.kind == "bad-response"
 
 
 # -- the documented example ----------------------------------------------------------------

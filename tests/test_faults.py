@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import ServerProcess
+from helpers import ServerProcess
 from lxml import etree
 
 BUSY_TIMEOUT = 15.0  # seconds: dynupdate.core.db.BUSY_TIMEOUT_MS

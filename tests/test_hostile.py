@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from conftest import ServerProcess
+from helpers import ServerProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree

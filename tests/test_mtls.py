@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import trustme
-from conftest import ServerProcess
+from helpers import ServerProcess
 from lxml import etree
 
 ENDPOINT = "8211ABC"  # the serial in the endpoint's certificate (CN)

@@ -10,7 +10,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conftest import ServerProcess
+from helpers import ServerProcess
 from lxml import etree
 from typer.testing import CliRunner
 
@@ -355,24 +355,23 @@ def test_silent_and_plain_http_clients_do_not_delay_a_poll(server):
 
 
 def test_keepalive_polls_on_one_connection(server):
+    # http.client reconnects silently after a "Connection: close": only the socket
+    # and its local port tell that the five polls really shared one connection.
     conn = server.connection()
     try:
+        sockets = []
         for i in range(5):
-            conn.request(
-                "POST",
-                "/poll",
-                POLL.format(
-                    serial=f"K{i}",
-                    type="Unmanaged",
-                    version="1",
-                    in_call="false",
-                    extra="",
-                    peripherals="",
-                ),
+            body = POLL.format(
+                serial=f"K{i}", type="Unmanaged", version="1", in_call="false", extra="",
+                peripherals="",
             )
+            conn.request("POST", "/poll", body)
+            sockets.append((conn.sock, conn.sock.getsockname()))
             response = conn.getresponse()
             assert response.status == 200
             response.read()
+            assert not response.will_close, response.getheader("Connection")
+        assert all(pair == sockets[0] for pair in sockets), sockets
     finally:
         conn.close()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperGroup
 
+from dynupdate import __version__
 from dynupdate.cli._output import stderr
 from dynupdate.core.errors import DynupdateError
 from dynupdate.core.home import Home, open_home
@@ -82,6 +83,12 @@ app = typer.Typer(
 )
 
 
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        typer.echo(f"dynupdate {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def root(
     ctx: typer.Context,
@@ -93,6 +100,14 @@ def root(
         help="Folder with the database, package store and TLS material.",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No confirmation messages."),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,  # before the missing command or a bad --home is noticed
+        expose_value=False,
+        help="Print the version and exit.",
+    ),
 ) -> None:
     """Roll out software updates to a fleet of video-conferencing endpoints."""
     ctx.obj = State(home_path=home, quiet=quiet)

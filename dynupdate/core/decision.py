@@ -89,7 +89,19 @@ class Decision:
 
 
 def target_package(policy: Policy | None, packages: Sequence[Package]) -> Package | None:
-    """The package a policy sends devices to, or None when it is not active."""
+    """The package a policy sends devices to, or None when it is not active.
+
+    >>> from dynupdate.core.packages import Package
+    >>> def package(version):
+    ...     return Package("Trio", version, "trio.pup", 1, "0" * 64, None, "2026-01-01T00:00:00Z")
+    >>> packages = [package("7.0"), package("7.1"), package("7.2")]
+    >>> target_package(Policy("Trio", "7.1", allow_newer=False), packages).version
+    '7.1'
+    >>> target_package(Policy("Trio", "7.1", allow_newer=True), packages).version
+    '7.2'
+    >>> target_package(Policy("Trio", None, allow_newer=True), packages) is None
+    True
+    """
     if policy is None or policy.version_to_use is None:
         return None
     if not policy.allow_newer:
@@ -101,7 +113,15 @@ def target_package(policy: Policy | None, packages: Sequence[Package]) -> Packag
 
 
 def is_satisfied(version: str, target: Package, allow_newer: bool) -> bool:
-    """Whether a device on ``version`` needs nothing from ``target`` (rule 4)."""
+    """Whether a device on ``version`` needs nothing from ``target`` (rule 4).
+
+    >>> from dynupdate.core.packages import Package
+    >>> target = Package("Trio", "7.1", "trio.pup", 1, "0" * 64, None, "2026-01-01T00:00:00Z")
+    >>> is_satisfied("7.1.0", target, allow_newer=False)  # the same version, spelt otherwise
+    True
+    >>> is_satisfied("7.2", target, allow_newer=False), is_satisfied("7.2", target, True)
+    (False, True)
+    """
     if version == target.version:  # the usual answer, without comparing keys
         return True
     if allow_newer:
@@ -116,7 +136,22 @@ def decide(
     device: DeviceState,
     now: datetime,
 ) -> Decision:
-    """Apply the rules above; ``packages`` are those of the device's type."""
+    """Apply the rules above; ``packages`` are those of the device's type.
+
+    >>> from datetime import UTC
+    >>> from dynupdate.core.packages import Package
+    >>> gs = Package("GroupSeries", "6.2.2", "gs.pup", 1, "0" * 64, None, "2026-01-01T00:00:00Z")
+    >>> policy = Policy("GroupSeries", "6.2.2", allow_newer=False)
+    >>> now = datetime(2026, 11, 27, 16, 0, tzinfo=UTC)
+    >>> device = DeviceState("8211ABC", "GroupSeries", "6.2.1")
+    >>> decide(policy, [gs], None, device, now).package.version
+    '6.2.2'
+    >>> decide(None, [gs], None, device, now).reason
+    'no-policy'
+    >>> in_a_call = DeviceState("8211ABC", "GroupSeries", "6.2.1", in_call=True)
+    >>> decide(policy, [gs], None, in_a_call, now).reason
+    'in-call'
+    """
     return decide_for_target(policy, target_package(policy, packages), window, device, now)
 
 

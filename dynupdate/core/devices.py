@@ -28,7 +28,11 @@ def validate_type(text: str) -> str:
 
 
 def type_key(text: str) -> str:
-    """The case-insensitive identity of a type: ``Trio`` and ``TRIO`` are one type."""
+    """The case-insensitive identity of a type: ``Trio`` and ``TRIO`` are one type.
+
+    >>> type_key("TRIO") == type_key("Trio")
+    True
+    """
     return text.casefold()
 
 

@@ -29,7 +29,11 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def is_sha256(text: str) -> bool:
-    """True for exactly 64 lowercase hex digits (the only names the store has)."""
+    """True for exactly 64 lowercase hex digits (the only names the store has).
+
+    >>> is_sha256("ab" * 32), is_sha256("AB" * 32), is_sha256("../" + "a" * 61)
+    (True, False, False)
+    """
     return _SHA256.fullmatch(text) is not None
 
 
