@@ -11,8 +11,10 @@ from dynupdate.cli import (
     overview,
     package,
     policy,
+    rollout,
     serve,
     simulate,
+    trial,
     window,
 )
 from dynupdate.cli._app import app
@@ -24,6 +26,8 @@ app.add_typer(policy.app, name="policy")
 app.add_typer(window.app, name="window")
 app.add_typer(endpoint.app, name="endpoint")
 app.add_typer(key.app, name="key")
+app.add_typer(rollout.app, name="rollout")
+app.add_typer(trial.app, name="trial")
 app.command("overview")(overview.overview)
 app.command("serve")(serve.serve)
 app.command("simulate")(simulate.simulate)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import typer
 
-from dynupdate.cli._app import home_of
-from dynupdate.cli._output import emit_list, emit_object, stdout
+from dynupdate.cli._app import home_of, state_of
+from dynupdate.cli._output import emit_list, emit_object, say, stdout
 from dynupdate.core.durations import parse_duration
 from dynupdate.core.endpoints import get_endpoint, list_endpoints
 from dynupdate.core.fleet import load_fleet_state
+from dynupdate.core.rollouts import retry_device
 from dynupdate.core.times import utc_now
 
 app = typer.Typer(help="Endpoints and peripherals: version, target, update status, history.")
@@ -77,3 +78,10 @@ def show(ctx: typer.Context, serial: str = typer.Argument(...), as_json: bool = 
             empty="No history.",
         )
         stdout.print()
+
+
+@app.command("retry")
+def retry(ctx: typer.Context, serial: str = typer.Argument(..., metavar="SERIAL")) -> None:
+    """Give a held device fresh attempts at the rollout's version (its count starts at 0)."""
+    retry_device(home_of(ctx).db, serial)
+    say(f"{serial} may try again.", quiet=state_of(ctx).quiet)

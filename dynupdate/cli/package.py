@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -14,9 +15,18 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from dynupdate.cli import rollout as rollout_cli
 from dynupdate.cli._app import home_of, state_of
 from dynupdate.cli._output import emit_list, emit_object, say, stderr
-from dynupdate.core.packages import add_package, get_package, list_packages, remove_package
+from dynupdate.core.gates import RolloutOptions
+from dynupdate.core.packages import (
+    Package,
+    add_package,
+    get_package,
+    list_packages,
+    remove_package,
+)
+from dynupdate.core.rollouts import Rollout, add_and_start
 
 app = typer.Typer(help="Software packages: one image per device type and version.")
 
@@ -28,6 +38,7 @@ COLUMNS = [
     ("sha256", "SHA-256"),
     ("uploaded", "Uploaded"),
     ("description", "Description"),
+    ("blocked", "Blocked"),
 ]
 JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
@@ -39,6 +50,23 @@ def add(
     type_: str = typer.Option(..., "--type", "-t", help="Device type, e.g. GroupSeries."),
     version: str = typer.Option(..., "--version", "-v", help="Its software version."),
     description: str | None = typer.Option(None, "--description", "-d"),
+    rollout: bool = typer.Option(
+        False,
+        "--rollout",
+        help="Start a rollout of it in the same transaction: no device sees "
+        "it before the rollout exists. Options not given come from TYPE's latest rollout.",
+    ),  # fmt: skip
+    waves: str | None = rollout_cli.WAVES,
+    soak: str | None = rollout_cli.SOAK,
+    min_devices: int | None = rollout_cli.MIN_DEVICES,
+    min_success: str | None = rollout_cli.MIN_SUCCESS,
+    max_failures: int | None = rollout_cli.MAX_FAILURES,
+    max_failure_rate: str | None = rollout_cli.MAX_FAILURE_RATE,
+    max_in_flight: int | None = rollout_cli.MAX_IN_FLIGHT,
+    max_per_hour: int | None = rollout_cli.MAX_PER_HOUR,
+    max_attempts: int | None = rollout_cli.MAX_ATTEMPTS,
+    install_timeout: str | None = rollout_cli.INSTALL_TIMEOUT,
+    manual: bool | None = rollout_cli.MANUAL,
     as_json: bool = JSON,
 ) -> None:
     """Import a package file (streamed and hashed); the same file again is a no-op.
@@ -46,10 +74,33 @@ def add(
     Example: dynupdate package add gs-6.2.2.pup --type GroupSeries --version 6.2.2.0-100
     """
     home = home_of(ctx)
+    given = rollout_cli.given_options(
+        waves=waves, soak=soak, min_devices=min_devices, min_success=min_success,
+        max_failures=max_failures, max_failure_rate=max_failure_rate,
+        max_in_flight=max_in_flight, max_per_hour=max_per_hour, max_attempts=max_attempts,
+        install_timeout=install_timeout, manual=manual,
+    )  # fmt: skip
+    if given and not rollout:
+        raise typer.BadParameter(f"--{next(iter(given)).replace('_', '-')} needs --rollout.")
+    if rollout:
+        # Refused options are refused before the import, not after hashing gigabytes.
+        RolloutOptions().given(**given)
+
+    def run(progress: Callable[[int], None] | None) -> tuple[Package, bool, Rollout | None]:
+        if rollout:
+            return add_and_start(
+                home.db, home.store, file, type_, version, description, given=given,
+                progress=progress,
+            )  # fmt: skip
+        package, created = add_package(
+            home.db, home.store, file, type_, version, description, progress=progress
+        )
+        return package, created, None
+
     if sys.stderr.isatty():
         total = file.stat().st_size if file.is_file() else None
         with Progress(
-            "[progress.description]{task.description}",
+            TextColumn("{task.description}", style="progress.description", markup=False),
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
@@ -57,25 +108,26 @@ def add(
             console=stderr,
             transient=True,
         ) as bar:
-            task = bar.add_task(f"Importing {file.name}", total=total)
-            package, created = add_package(
-                home.db,
-                home.store,
-                file,
-                type_,
-                version,
-                description,
-                progress=lambda n: bar.advance(task, n),
-            )
+            task = bar.add_task(visible(f"Importing {file.name}"), total=total)
+            package, created, started = run(lambda n: bar.advance(task, n))
     else:
-        package, created = add_package(home.db, home.store, file, type_, version, description)
+        package, created, started = run(None)
     if as_json:
         emit_object(package.to_dict(), as_json=True)
     verb = "Added" if created else "Already present:"
+    blocked = " (blocked: a rollout of its type is active)" if package.blocked else ""
     say(
-        f"{verb} {package.type} {package.version} ({package.sha256[:12]}, {package.size} bytes).",
+        f"{verb} {package.type} {package.version} ({package.sha256[:12]}, {package.size} bytes)"
+        f"{blocked}.",
         quiet=state_of(ctx).quiet,
     )
+    if started is not None:
+        rollout_cli.warn(started.options)
+        say(
+            f"Rollout of {started.type} {started.version} started: wave 1 of "
+            f"{len(started.waves)} ({started.current_wave.label}) open.",
+            quiet=state_of(ctx).quiet,
+        )
 
 
 @app.command("list")

@@ -16,12 +16,14 @@ True
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
+from typing import Any
 
+from dynupdate.core.durations import parse_duration
 from dynupdate.core.errors import InvalidInput
 from dynupdate.core.times import format_utc
-from dynupdate.core.waves import DEFAULT_WAVES, Wave, format_percent, parse_waves
+from dynupdate.core.waves import DEFAULT_WAVES, Wave, format_percent, parse_percent, parse_waves
 
 __all__ = [
     "LIVE_WINDOW",
@@ -60,6 +62,29 @@ class RolloutOptions:
             if value is not None and value < 1:
                 raise InvalidInput(f"Invalid --{name.replace('_', '-')} {value}: use 1 or more.")
 
+    def given(self, **text: str | int | bool | None) -> RolloutOptions:
+        """These options with those an admin gave (``None``: not given) read from their text.
+
+        >>> RolloutOptions().given(waves="trial,100%", min_success="99%", manual=None).min_success
+        9900
+        """
+        values: dict[str, Any] = {}
+        for name, value in text.items():
+            if value is None:
+                continue
+            option = f"--{name.replace('_', '-')}"
+            if name == "waves":
+                values[name] = parse_waves(str(value))
+            elif name in ("soak", "install_timeout"):
+                values[name] = parse_duration(str(value))
+            elif name in ("min_success", "max_failure_rate"):
+                values[name] = parse_percent(str(value), option, zero=name == "max_failure_rate")
+            elif name in _FIELDS:
+                values[name] = value
+            else:
+                raise TypeError(f"no rollout option {name}")
+        return replace(self, **values)
+
     @property
     def warning(self) -> str | None:
         """What a start should warn about, if anything."""
@@ -69,6 +94,9 @@ class RolloutOptions:
                 "slowest installs have timed out."
             )
         return None
+
+
+_FIELDS = frozenset(f.name for f in fields(RolloutOptions))
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,10 @@ say of attempts) and :func:`evaluate` (timeouts and gates, every few seconds).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import sqlite_utils
@@ -40,7 +41,8 @@ from dynupdate.core.gates import (
     halt_reason,
     wave_gate,
 )
-from dynupdate.core.packages import Package, find_package, list_packages
+from dynupdate.core.packages import Package, add_package, find_package, list_packages
+from dynupdate.core.store import PackageStore
 from dynupdate.core.times import format_utc, parse_utc, utc_now
 from dynupdate.core.versions import same_version, version_key
 from dynupdate.core.vocabulary import RolloutState
@@ -1137,3 +1139,103 @@ def device_standing(
     limit = _options(options, parse_waves(json.loads(waves))).max_attempts
     held = failures >= limit and open_at is None and succeeded_at is None
     return attempts > 0 or failures > 0, held, open_at is not None
+
+
+# package add --rollout -------------------------------------------------------------------
+
+
+def latest_options(db: sqlite_utils.Database, type_: str) -> RolloutOptions:
+    """The options of the type's latest rollout, or the defaults: what ``--rollout`` starts from."""
+    row = db.execute(
+        "SELECT options, waves FROM rollouts WHERE type_key = ? ORDER BY id DESC LIMIT 1",
+        (type_key(type_),),
+    ).fetchone()
+    return _options(row[0], parse_waves(json.loads(row[1]))) if row else RolloutOptions()
+
+
+def add_and_start(
+    db: sqlite_utils.Database,
+    store: PackageStore,
+    source: Path,
+    type_: str,
+    version: str,
+    description: str | None = None,
+    *,
+    given: dict[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+    actor: str | None = None,
+) -> tuple[Package, bool, Rollout | None]:
+    """``package add --rollout``: the upload and the start in one transaction.
+
+    Options not ``given`` come from the type's latest rollout. The identical
+    file again starts a rollout only when none of its version is active or
+    completed; otherwise it is the usual no-op (no rollout: None).
+    """
+    started: list[Rollout] = []
+
+    def start_here(db: sqlite_utils.Database, package: Package, new: bool) -> None:
+        if not new:
+            earlier = db.execute(
+                "SELECT 1 FROM rollouts WHERE type_key = ? AND version = ? AND state IN"
+                " ('running', 'paused', 'halted', 'completed')",
+                (type_key(package.type), package.version),
+            ).fetchone()
+            if earlier:
+                return
+        options = latest_options(db, package.type).given(**(given or {}))
+        started.append(_start(db, package.type, package.version, options, actor=actor,
+                              now=utc_now()))  # fmt: skip
+
+    package, new = add_package(
+        db, store, source, type_, version, description, progress, actor=actor, then=start_here
+    )
+    return package, new, started[0] if started else None
+
+
+# What the live view shows ----------------------------------------------------------------
+
+
+def wave_progress(db: sqlite_utils.Database, rollout: Rollout) -> list[dict[str, Any]]:
+    """Per wave, its own known devices and how many of them succeeded."""
+    known = db.execute(
+        f"SELECT e.bucket, {_TRIAL_OF} FROM endpoints e WHERE e.type_key = ?",
+        (type_key(rollout.type),),
+    ).fetchall()
+    done = db.execute(
+        "SELECT bucket, trial FROM rollout_devices WHERE rollout_id = ?"
+        " AND succeeded_at IS NOT NULL",
+        (rollout.id,),
+    ).fetchall()
+    rows = []
+    for index, wave in enumerate(rollout.waves, 1):
+        own = _own_of(rollout, index)
+        rows.append(
+            {
+                "wave": wave.label,
+                "open": index <= rollout.wave,
+                "devices": sum(1 for b, t in known if own(b, bool(t))),
+                "succeeded": sum(1 for b, t in done if own(b, bool(t))),
+            }
+        )
+    return rows
+
+
+def _own_of(rollout: Rollout, index: int) -> Callable[[int, bool], bool]:
+    """The test :func:`_own_sql` makes, for rows already read."""
+    bounds = _wave_bounds(rollout, index)
+    if bounds is None:
+        return lambda _b, trial: trial
+    low, high = bounds
+    return lambda b, trial: (trial and index == 1) or (not trial and low <= b < high)
+
+
+def failures(db: sqlite_utils.Database, rollout: Rollout, limit: int = 10) -> list[dict[str, Any]]:
+    """The latest failed devices with their details (newest first)."""
+    return [
+        {"serial": serial, "failed_at": failed_at, "detail": detail, "attempts": attempts}
+        for serial, failed_at, detail, attempts in db.execute(
+            "SELECT serial, failed_at, detail, attempts FROM rollout_devices WHERE rollout_id = ?"
+            " AND failures > 0 AND succeeded_at IS NULL ORDER BY failed_at DESC LIMIT ?",
+            (rollout.id, limit),
+        )
+    ]
