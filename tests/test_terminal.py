@@ -12,6 +12,7 @@ subprocess on a forced terminal.
 from __future__ import annotations
 
 import doctest
+import json
 import os
 import sqlite3
 import subprocess
@@ -38,7 +39,6 @@ MODEL = f"{EMOJI} [bold]Room[/bold] \x1b[5mblink\x08\x7f"
 RAW_SERIAL = "RAW\x1b[31m-1\u200b"
 RAW_TYPE = "GS\x1b]0;pwned\x07"
 
-HOSTILE = [LINK, CLOSE, FAKE_VERSION, EMOJI, DETAIL, MODEL, RAW_SERIAL]
 # What a terminal would obey rather than show, and what Rich makes of emoji codes.
 OBEYED = ["\x1b", "\x07", "\x08", "\x7f", "\x9b", "\u202e", "\u200b", "😄"]
 
@@ -114,6 +114,19 @@ def test_a_confirmation_echoing_a_value_prints_it_literally(fleet, cli, tmp_path
     result = cli("backup", dest)
     assert result.stderr.count("\n") == 1
     assert_literal(result.stderr, str(dest))
+
+
+def test_json_is_the_exact_value_and_sends_no_control_character_raw(fleet, cli):
+    result = cli("endpoint", "list", "--json")
+    rows = {row["serial"]: row for row in json.loads(result.stdout)}
+    assert rows[LINK]["version"] == FAKE_VERSION
+    assert rows[CLOSE]["version"] == EMOJI
+    assert rows[RAW_SERIAL]["type"] == RAW_TYPE
+    shown = json.loads(cli("endpoint", "show", LINK, "--json").stdout)
+    assert (shown["model"], shown["report_detail"]) == (MODEL, DETAIL)
+    for char in OBEYED[:-1]:  # JSON keeps the emoji of a device as it is
+        assert char not in result.stdout
+    assert "\\u009b" in cli("endpoint", "show", LINK, "--json").stdout
 
 
 def test_the_output_module_doctests():

@@ -12,6 +12,7 @@ so a plain string printed by mistake is not interpreted either.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -79,8 +80,21 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+# JSON escapes C0 controls itself; these it leaves raw with ensure_ascii=False.
+_RAW_IN_JSON = re.compile(r"[^\x00-\x7e]")
+
+
+def _json_char(match: re.Match) -> str:
+    char = match[0]
+    return char if char.isprintable() else json.dumps(char)[1:-1]
+
+
 def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    text = json.dumps(data, ensure_ascii=False, indent=2)
+    # The same value for a parser, but DEL, C1 controls and bidi overrides reach a
+    # terminal (or a pager) as \u escapes rather than as themselves.
+    text = text.replace("\x7f", "\\u007f") if text.isascii() else _RAW_IN_JSON.sub(_json_char, text)
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 
