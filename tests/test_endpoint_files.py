@@ -1,8 +1,11 @@
 """The reference endpoint's files: no other local user can redirect or swap a download.
 
-By default the work directory is a fresh ``mkdtemp`` (0700), no longer the
-predictable ``/tmp/dynupdate-endpoint/<serial>``. Downloads run against the
-real server over HTTPS on 127.0.0.1.
+The work directory is private (0700; by default a fresh ``mkdtemp``, no longer
+the predictable ``/tmp/dynupdate-endpoint/<serial>``), every file is created
+``O_EXCL|O_NOFOLLOW`` and reopened ``O_NOFOLLOW``, so a symlink or hard link
+planted at a file's name is replaced, never written through, and the installer
+gets the very file that was hashed, read-only. Downloads run against the real
+server over HTTPS on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from conftest import ServerProcess
 from typer.testing import CliRunner
 
 from dynupdate.cli import app
-from dynupdate.endpoint import Endpoint, EndpointClient
+from dynupdate.endpoint import Endpoint, EndpointClient, EndpointError
+from dynupdate.endpoint.client import ClientStats, _FileReceiver
 
 CONTENT = os.urandom(200_000)
 SHA = hashlib.sha256(CONTENT).hexdigest()
+VICTIM = b"the device user's own file\n"
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +69,12 @@ def update(server: ServerProcess, serial: str, **options) -> tuple[Endpoint, Ins
     return endpoint, installer
 
 
+def victim(folder: Path, name: str) -> Path:
+    path = folder / name
+    path.write_bytes(VICTIM)
+    return path
+
+
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -98,3 +109,102 @@ def test_a_symlink_planted_at_the_old_predictable_path_is_not_followed(
     assert installer.path.parent.parent == shared
     assert installer.path.parent.name.startswith("dynupdate-endpoint-")
     assert list(target.iterdir()) == [], "nothing was written through the planted link"
+
+
+def test_symlinks_at_the_file_names_are_replaced_never_written_through(server, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    for name in (f"{SHA}.part", f"{SHA}.etag", SHA):
+        (work / name).symlink_to(victim(victims, name))
+    endpoint, installer = update(server, "LINK-1", workdir=work)
+    assert (endpoint.device.status, endpoint.device.version) == ("up-to-date", "2.0")
+    assert installer.path == work / SHA and installer.sha256 == SHA
+    for path in victims.iterdir():
+        assert path.read_bytes() == VICTIM, f"{path.name} was written through a symlink"
+    assert list(work.iterdir()) == [], "the links were replaced, and the package removed"
+
+
+def test_a_hard_link_at_the_partial_name_is_not_resumed_into(server, tmp_path):
+    """A ``.part`` with another name (and an ETag to resume it) is the user's own file."""
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    own = victim(tmp_path, "profile")
+    os.link(own, work / f"{SHA}.part")
+    (work / f"{SHA}.etag").write_text(f'"{SHA}"')
+    endpoint, installer = update(server, "HARD-1", workdir=work)
+    assert own.read_bytes() == VICTIM, "the download was appended to a hard-linked file"
+    assert endpoint.device.version == "2.0" and installer.sha256 == SHA
+
+
+def test_a_symlink_planted_between_unlink_and_create_is_refused(monkeypatch, tmp_path):
+    """O_EXCL|O_NOFOLLOW: the race that unlinking first leaves open ends in an error."""
+    part, tag = tmp_path / "p.part", tmp_path / "p.etag"
+    target = victim(tmp_path, "victim")
+    unlink = Path.unlink
+
+    def unlink_then_plant(path: Path, missing_ok: bool = False) -> None:
+        unlink(path, missing_ok=missing_ok)
+        if path == part:
+            path.symlink_to(target)
+
+    monkeypatch.setattr(Path, "unlink", unlink_then_plant)
+    receiver = _FileReceiver(part, tag, 0, 10, ClientStats())
+    with pytest.raises(EndpointError) as refused:
+        receiver.begin(200, {"content-length": "10"})
+    assert refused.value.kind == "storage"
+    assert target.read_bytes() == VICTIM
+
+
+def test_the_installer_gets_the_hashed_file_read_only_in_a_private_directory(server, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir(mode=0o755)
+    os.chmod(work, 0o777)  # a loose directory is made private before anything is written
+    endpoint, installer = update(server, "SEAL-1", workdir=work)
+    assert endpoint.device.version == "2.0"
+    assert (installer.sha256, installer.mode, installer.links) == (SHA, 0o400, 1)
+    assert installer.directory_mode == 0o700 and mode(work) == 0o700
+    created = tmp_path / "new" / "work"
+    update(server, "SEAL-2", workdir=created)
+    assert mode(created) == 0o700
+
+
+def test_a_file_swapped_after_it_was_hashed_is_never_installed(server, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    file_digest = hashlib.file_digest
+
+    def digest_then_swap(file, name):
+        digest = file_digest(file, name)
+        swapped = work / "swapped"
+        swapped.write_bytes(b"not the package")
+        os.replace(swapped, work / f"{SHA}.part")
+        return digest
+
+    monkeypatch.setattr(hashlib, "file_digest", digest_then_swap)
+    endpoint, installer = update(server, "SWAP-1", workdir=work)
+    assert installer.path is None, "the installer was given the swapped file"
+    assert endpoint.device.status == "failed"
+    assert "replaced on disk" in endpoint.device.detail
+    assert list(work.iterdir()) == []
+
+
+def test_a_work_directory_of_another_user_is_refused(server, tmp_path):
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o777)
+        os.chown(theirs, 65534, 65534)
+    else:
+        theirs = Path("/")
+    endpoint, installer = update(server, "OTHER-1", workdir=theirs)
+    assert installer.path is None and endpoint.device.status == "failed"
+    assert "belongs to another user" in endpoint.device.detail
+
+
+def test_a_file_that_cannot_be_created_is_a_storage_failure_not_a_crash(server, tmp_path):
+    """An error of the disk inside the HTTP parser's callbacks is reported, not raised."""
+    work = tmp_path / "work"
+    (work / f"{SHA}.part").mkdir(parents=True)  # neither removable by unlink nor openable
+    endpoint, installer = update(server, "DISK-1", workdir=work)
+    assert installer.path is None and endpoint.device.status == "failed"
+    assert endpoint.device.detail.startswith("Cannot store the package at ")

@@ -58,7 +58,11 @@ class Device:
 
 
 Installer = Callable[[Device, Offer, Path | None], Awaitable[None]]
-"""Installs a verified package (``None`` with ``download="head"``); raises to fail."""
+"""Installs a verified package (``None`` with ``download="head"``); raises to fail.
+
+The path is the very file that was hashed, read-only (0400), in the private
+work directory: no other user can change or replace it after verification.
+"""
 
 
 async def _no_install(device: Device, offer: Offer, path: Path | None) -> None:
@@ -70,7 +74,7 @@ class Endpoint:
 
     ``download`` is ``"full"`` (fetch and verify every byte into ``workdir``)
     or ``"head"`` (check the size and hash headers only, for rehearsals at
-    scale). ``workdir`` is by default a new, private (0700)
+    scale). ``workdir`` is made private (0700); by default it is a new
     ``tempfile.mkdtemp()`` directory, removed with the endpoint, so a download
     resumes across polls but not across restarts: give a directory of the
     device's own to keep partial downloads. ``poll_interval`` overrides the
