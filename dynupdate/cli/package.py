@@ -10,12 +10,13 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 
 from dynupdate.cli._app import home_of, state_of
-from dynupdate.cli._output import emit_list, emit_object, say, stderr
+from dynupdate.cli._output import emit_list, emit_object, say, stderr, visible
 from dynupdate.core.packages import add_package, get_package, list_packages, remove_package
 
 app = typer.Typer(help="Software packages: one image per device type and version.")
@@ -49,7 +50,7 @@ def add(
     if sys.stderr.isatty():
         total = file.stat().st_size if file.is_file() else None
         with Progress(
-            "[progress.description]{task.description}",
+            TextColumn("{task.description}", style="progress.description", markup=False),
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
@@ -57,7 +58,7 @@ def add(
             console=stderr,
             transient=True,
         ) as bar:
-            task = bar.add_task(f"Importing {file.name}", total=total)
+            task = bar.add_task(visible(f"Importing {file.name}"), total=total)
             package, created = add_package(
                 home.db,
                 home.store,
