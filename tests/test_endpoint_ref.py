@@ -494,11 +494,6 @@ def test_poll_response_ignores_unknown_parts():
     assert endpoint.device.status == "waiting"
 
 
-def test_workdir_default_is_per_serial():
-    assert Endpoint("A/B", "T", "1")._directory().name != "A/B"
-    assert Path(Endpoint("AB-1", "T", "1")._directory()).name == "AB-1"
-
-
 def test_an_install_that_raises_is_reported_failed_with_its_reason(server, tmp_path):
     publish(server, tmp_path, "BadInstall", "2.0", os.urandom(5_000))
     exchanges: list[Exchange] = []

@@ -11,7 +11,7 @@ import typer
 from typer.core import TyperGroup
 
 from dynupdate import __version__
-from dynupdate.cli._output import stderr
+from dynupdate.cli._output import literal, stderr
 from dynupdate.core.errors import DynupdateError
 from dynupdate.core.home import Home, open_home
 
@@ -27,10 +27,10 @@ class DynupdateGroup(TyperGroup):
         except (DynupdateError, OSError, sqlite3.Error) as e:
             if os.environ.get("DYNUPDATE_DEBUG") == "1":
                 raise
-            stderr.print(f"Error: {_one_line(e)}", markup=False, highlight=False)
+            stderr.print(literal(f"Error: {_one_line(e)}"))
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            stderr.print("Interrupted.", markup=False, highlight=False)
+            stderr.print("Interrupted.")
             raise typer.Exit(130) from None
         except (typer.TyperException, typer.Exit, typer.Abort):
             raise  # usage errors (exit 2) and deliberate exits
@@ -39,10 +39,10 @@ class DynupdateGroup(TyperGroup):
             if os.environ.get("DYNUPDATE_DEBUG") == "1":
                 raise
             stderr.print(
-                f"Error: unexpected {type(e).__name__}: {_one_line(e)} "
-                "(run with DYNUPDATE_DEBUG=1 for the traceback).",
-                markup=False,
-                highlight=False,
+                literal(
+                    f"Error: unexpected {type(e).__name__}: {_one_line(e)} "
+                    "(run with DYNUPDATE_DEBUG=1 for the traceback)."
+                )
             )
             raise typer.Exit(1) from None
         finally:

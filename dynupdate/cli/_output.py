@@ -1,23 +1,71 @@
-"""The one place that turns results into output: Rich tables, or JSON for scripts."""
+"""The one place that turns results into output: Rich tables, or JSON for scripts.
+
+Whatever a device sent (serial, type, version, model, detail…) is shown as
+the text it is: cells, titles and messages are :func:`literal` ``Text``
+objects, which Rich never parses for markup (``[link=…]``) or emoji codes
+(``:smile:``), and characters a terminal would obey instead of show (ESC,
+BEL, C1 controls, bidi overrides…) are written as Python escapes such as
+``\\x1b``. Both consoles also have markup, emoji codes and highlighting off,
+so a plain string printed by mistake is not interpreted either.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-__all__ = ["Column", "emit_list", "emit_object", "say", "stderr", "stdout"]
+__all__ = ["Column", "emit_list", "emit_object", "literal", "say", "stderr", "stdout", "visible"]
 
-# Piped output is read by people in mail and logs too: do not squeeze tables into
-# the 80 columns Rich assumes when there is no terminal.
-stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-stderr = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
+
+def _console(file_is_tty: bool, **options: Any) -> Console:
+    # Piped output is read by people in mail and logs too: do not squeeze tables into
+    # the 80 columns Rich assumes when there is no terminal.
+    return Console(
+        soft_wrap=True,
+        width=None if file_is_tty else 200,
+        markup=False,
+        emoji=False,
+        highlight=False,
+        **options,
+    )
+
+
+stdout = _console(sys.stdout.isatty())
+stderr = _console(sys.stderr.isatty(), stderr=True)
 
 Column = tuple[str, str]  # (key in the data, header shown)
+
+
+def visible(text: str) -> str:
+    r"""``text`` with every character :meth:`str.isprintable` refuses written as an escape.
+
+    Those are the C0 and C1 controls (ESC starts every terminal sequence,
+    U+009B is a one-character CSI), DEL, format characters such as the bidi
+    overrides, separators other than the space, surrogates, private-use and
+    unassigned code points. Everything else, non-ASCII letters included, is
+    kept; a backslash stays a backslash, so ``--json`` is the way to the exact
+    value.
+
+    >>> visible("E9\x1b]8;;https://evil.example/\x07")
+    'E9\\x1b]8;;https://evil.example/\\x07'
+    >>> visible("gnp\u202e.exe"), visible("Zürich [/x] :smile:")
+    ('gnp\\u202e.exe', 'Zürich [/x] :smile:')
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def literal(value: Any, style: str = "") -> Text:
+    """``value`` as a Rich ``Text`` shown exactly as it reads: see :func:`visible`."""
+    return Text(visible(value if isinstance(value, str) else str(value)), style=style)
 
 
 def _cell(value: Any) -> str:
@@ -32,9 +80,27 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+# JSON escapes C0 controls itself; these it leaves raw with ensure_ascii=False.
+_RAW_IN_JSON = re.compile(r"[^\x00-\x7e]")
+
+
+def _json_char(match: re.Match) -> str:
+    char = match[0]
+    return char if char.isprintable() else json.dumps(char)[1:-1]
+
+
 def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    text = json.dumps(data, ensure_ascii=False, indent=2)
+    # The same value for a parser, but DEL, C1 controls and bidi overrides reach a
+    # terminal (or a pager) as \u escapes rather than as themselves.
+    text = text.replace("\x7f", "\\u007f") if text.isascii() else _RAW_IN_JSON.sub(_json_char, text)
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def _table(title: str | None, **options: Any) -> Table:
+    shown = literal(title, "table.title") if title else None  # a title may name a device
+    return Table(title=shown, title_justify="left", **options)
 
 
 def emit_list(
@@ -51,13 +117,13 @@ def emit_list(
         return
     if not rows:
         if empty:
-            stderr.print(empty, markup=False, highlight=False)
+            stderr.print(literal(empty))
         return
-    table = Table(title=title, title_justify="left", header_style="bold")
+    table = _table(title, header_style="bold")
     for _, header in columns:
         table.add_column(header, overflow="fold")
     for row in rows:
-        table.add_row(*(_cell(row.get(key)) for key, _ in columns))
+        table.add_row(*(literal(_cell(row.get(key))) for key, _ in columns))
     stdout.print(table)
 
 
@@ -66,17 +132,21 @@ def emit_object(data: dict, *, as_json: bool, title: str | None = None) -> None:
     if as_json:
         _print_json(data)
         return
-    table = Table(title=title, title_justify="left", show_header=False, box=None)
+    table = _table(title, show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for key, value in data.items():
         if isinstance(value, list) and value and isinstance(value[0], dict):
             continue  # nested lists of objects get their own tables from the command
-        table.add_row(key.replace("_", " "), _cell(value))
+        table.add_row(literal(key.replace("_", " ")), literal(_cell(value)))
     stdout.print(table)
 
 
 def say(message: str, *, quiet: bool = False) -> None:
-    """A one-line confirmation on stderr, so stdout stays data only."""
+    """A one-line confirmation on stderr, so stdout stays data only.
+
+    One line: a newline in it is shown as ``\\n`` (it may come from a value a
+    device sent); call it again for another line.
+    """
     if not quiet:
-        stderr.print(message, markup=False, highlight=False)
+        stderr.print(literal(message))

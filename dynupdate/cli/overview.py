@@ -10,7 +10,7 @@ from rich.live import Live
 from rich.table import Table
 
 from dynupdate.cli._app import home_of
-from dynupdate.cli._output import emit_list, stdout
+from dynupdate.cli._output import emit_list, literal, stdout
 from dynupdate.core.durations import parse_duration
 from dynupdate.core.endpoints import overview as fleet_overview
 from dynupdate.core.fleet import STATUSES, load_fleet_state
@@ -27,7 +27,7 @@ def _bar(percent: float | None, width: int = 12) -> str:
 
 def _table(rows: list[dict]) -> Group:
     table = Table(
-        title=f"Dynamic software update — {format_utc(utc_now())}",
+        title=literal(f"Dynamic software update — {format_utc(utc_now())}", "table.title"),
         title_justify="left",
         header_style="bold",
     )
@@ -42,15 +42,16 @@ def _table(rows: list[dict]) -> Group:
         spread = ", ".join(f"{v['version']} ({v['count']})" for v in row["versions"][:4])
         if len(row["versions"]) > 4:
             spread += f", +{len(row['versions']) - 4} more"
-        table.add_row(
+        cells = (
             row["type"],
             policy,
             row["target_version"] or "—",
-            str(row["endpoints"]),
-            *(str(row["counts"][s]) for s in STATUSES),
+            row["endpoints"],
+            *(row["counts"][s] for s in STATUSES),
             bar,
             spread or "—",
         )
+        table.add_row(*map(literal, cells))  # types and versions are as devices sent them
     return Group(table)
 
 

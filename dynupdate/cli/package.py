@@ -11,13 +11,14 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 
 from dynupdate.cli import rollout as rollout_cli
 from dynupdate.cli._app import home_of, state_of
-from dynupdate.cli._output import emit_list, emit_object, say, stderr
+from dynupdate.cli._output import emit_list, emit_object, say, stderr, visible
 from dynupdate.core.gates import RolloutOptions
 from dynupdate.core.packages import (
     Package,
@@ -55,7 +56,7 @@ def add(
         "--rollout",
         help="Start a rollout of it in the same transaction: no device sees "
         "it before the rollout exists. Options not given come from TYPE's latest rollout.",
-    ),  # fmt: skip
+    ),
     waves: str | None = rollout_cli.WAVES,
     soak: str | None = rollout_cli.SOAK,
     min_devices: int | None = rollout_cli.MIN_DEVICES,

@@ -16,7 +16,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from dynupdate.cli._output import emit_list, emit_object, say, stderr
+from dynupdate.cli._output import emit_list, emit_object, literal, say, stderr, visible
 
 if TYPE_CHECKING:
     from dynupdate.endpoint.simulation import Simulation
@@ -147,10 +147,10 @@ def _view(simulation: Simulation) -> Group:
     errors = ", ".join(f"{kind} {n}" for kind, n in sorted(stats.errors.items())) or "none"
     head = Text.assemble(
         ("Rehearsal ", "bold"),
-        f"{simulation.client.url}  {simulation.elapsed():6.1f} s  ",
+        visible(f"{simulation.client.url}  {simulation.elapsed():6.1f} s  "),
         f"polls {stats.polls} ({simulation.polls_per_second():.0f}/s)  ",
         f"downloaded {stats.bytes_downloaded / 1e6:.1f} MB  ",
-        (f"errors: {errors}", "red" if stats.errors else ""),
+        (visible(f"errors: {errors}"), "red" if stats.errors else ""),
     )
     bar = "—" if percent is None else f"{'█' * round(percent / 5)}{'░' * (20 - round(percent / 5))}"
     shown = "" if percent is None else f" {percent:.0f}% on target"
@@ -158,5 +158,5 @@ def _view(simulation: Simulation) -> Group:
     for key, header in TYPE_COLUMNS:
         table.add_column(header, justify="left" if key == "type" else "right")
     for row in simulation.types():
-        table.add_row(*(str(row[key]) for key, _ in TYPE_COLUMNS))
+        table.add_row(*(literal(row[key]) for key, _ in TYPE_COLUMNS))
     return Group(head, Text(bar + shown), table)

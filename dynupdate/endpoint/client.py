@@ -28,8 +28,10 @@ import asyncio
 import contextlib
 import copy
 import hashlib
+import os
 import re
 import ssl
+import stat
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -476,8 +478,16 @@ class EndpointClient:
         :class:`EndpointError`, and what was received is deleted. A lost
         connection is resumed at once, up to ``tries`` requests in all; the
         partial file is kept when they run out, for the next attempt.
+
+        ``directory`` is made 0700 (created so, or its group and other write
+        bits removed; one owned by another user is refused), files are
+        created with ``O_CREAT|O_EXCL|O_NOFOLLOW`` and reopened with
+        ``O_NOFOLLOW``, so a symlink or hard link planted at a file's name is
+        replaced, never written through. The file returned is the one whose
+        bytes were hashed, through one descriptor, after it was made
+        read-only (0400): only the device user can change it.
         """
-        directory.mkdir(parents=True, exist_ok=True)
+        _private_directory(directory)
         part = directory / f"{offer.sha256}.part"
         tag_file = directory / f"{offer.sha256}.etag"
         for attempt in range(tries):
@@ -490,33 +500,25 @@ class EndpointClient:
                 if e.kind in ("reset", "timeout") and attempt + 1 < tries:
                     continue
                 raise
-        received = part.stat().st_size
-        if received != offer.size:
+        try:
+            hashed = await asyncio.get_running_loop().run_in_executor(None, _seal, part, offer)
+        except (EndpointError, OSError) as e:
             _discard(part, tag_file)
-            raise self._count(
-                EndpointError(
-                    "size-mismatch",
-                    f"Received {received} bytes of {offer.name}; {offer.size} were announced.",
-                )
-            )
-        digest = await asyncio.get_running_loop().run_in_executor(None, _sha256_of, part)
-        if digest != offer.sha256:
-            _discard(part, tag_file)
-            raise self._count(
-                EndpointError(
-                    "sha256-mismatch",
-                    f"{offer.name} has SHA-256 {digest}, not the announced {offer.sha256}; "
-                    "deleted.",
-                )
-            )
+            error = e if isinstance(e, EndpointError) else _storage_error(part, e)
+            raise self._count(error) from None
         final = directory / offer.sha256
-        part.replace(final)
+        part.replace(final)  # a rename: a symlink at the final name is replaced, not followed
+        if not os.path.samestat(hashed, os.lstat(final)):
+            _discard(final, tag_file)
+            raise self._count(
+                EndpointError("storage", f"{offer.name} was replaced on disk while verified.")
+            )
         tag_file.unlink(missing_ok=True)
         return final
 
     async def _fetch(self, offer: Offer, part: Path, tag_file: Path) -> None:
-        have = part.stat().st_size if part.exists() else 0
-        tag = tag_file.read_text().strip() if tag_file.exists() else ""
+        have = _partial_size(part)
+        tag = _read_tag(tag_file) if have else ""
         if have > offer.size or (have and not tag):
             have = 0  # nothing to resume safely
         if have and have == offer.size:
@@ -758,8 +760,14 @@ class _FileReceiver(_Receiver):
                     f"Asked for bytes {self.have}- of {self.size}; got "
                     f"{headers.get('content-range', 'no Content-Range')!r}.",
                 )
-            mode = "ab" if self.have else "wb"  # bytes 0- although not asked for: restart
-            self.file = open(self.part, mode)  # noqa: SIM115 -- closed by close()
+            if not self.have:  # bytes 0- although not asked for: restart
+                self.file = self._restart()
+                return
+            try:
+                self.file = _storage(_reopen, self.part, self.have)
+            except EndpointError:
+                _discard(self.part, self.tag_file)
+                raise
         elif status == 200:
             length = headers.get("content-length", "")
             if length.isdigit() and int(length) > self.size:
@@ -768,14 +776,18 @@ class _FileReceiver(_Receiver):
                     "too-large",
                     f"The package is {length} bytes; {self.size} were announced. Refused.",
                 )
-            self.have = 0
             tag = headers.get("etag", "")
             if tag.startswith('"'):
-                self.tag_file.write_text(tag)
+                with _storage(_create, self.tag_file) as tag_out:
+                    tag_out.write(tag.encode("latin-1"))
             else:
                 self.tag_file.unlink(missing_ok=True)
-            self.file = open(self.part, "wb")  # noqa: SIM115 -- closed by close()
+            self.file = self._restart()
         # Any other status: an error document, kept in memory (bounded) by the base class.
+
+    def _restart(self) -> BinaryIO:
+        self.have = 0
+        return _storage(_create, self.part)
 
     def write(self, data: bytes) -> None:
         if self.file is None:
@@ -787,7 +799,10 @@ class _FileReceiver(_Receiver):
             raise EndpointError(
                 "too-large", f"The server sent more than the announced {self.size} bytes. Refused."
             )
-        self.file.write(data)
+        try:
+            self.file.write(data)
+        except OSError as e:  # a full disk: the callback's error would be a parser error
+            raise _storage_error(self.part, e) from None
         self.have += len(data)
         self.stats.bytes_downloaded += len(data)
 
@@ -802,12 +817,105 @@ def _discard(*paths: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+# -- the download's files ----------------------------------------------------------------
+# The directory is private, and each file is still opened as if it were not: a name
+# that is a symlink, a FIFO or a hard link to another file is never opened through.
+
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_EXISTING = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO does not hang us
+
+
+def _private_directory(directory: Path) -> None:
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.stat()
+    if info.st_uid != os.geteuid():
+        raise EndpointError(
+            "storage",
+            f"The download directory '{directory}' belongs to another user (uid "
+            f"{info.st_uid}); use one of the device user's own.",
+        )
+    if info.st_mode & 0o022:
+        os.chmod(directory, 0o700)  # another user could rename the files in it
+
+
+def _ours(info: os.stat_result) -> bool:
+    """A regular file of this user with no other name."""
+    return stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and info.st_nlink == 1
+
+
+def _create(path: Path) -> BinaryIO:
+    """A new, empty file at ``path`` (0600); what had the name is removed, not followed."""
+    path.unlink(missing_ok=True)
+    return os.fdopen(os.open(path, _NEW, 0o600), "wb")
+
+
+def _reopen(path: Path, size: int) -> BinaryIO:
+    """The partial download at ``path`` to append to: ours, and ``size`` bytes long."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | _EXISTING)
+    info = os.fstat(fd)
+    if not _ours(info) or info.st_size != size:
+        os.close(fd)
+        raise EndpointError("storage", f"The partial download '{path}' changed on disk.")
+    return os.fdopen(fd, "ab")
+
+
+def _storage(opener: Callable[..., BinaryIO], *args) -> BinaryIO:
+    try:
+        return opener(*args)
+    except OSError as e:
+        raise _storage_error(args[0], e) from None
+
+
+def _storage_error(path: Path, error: OSError) -> EndpointError:
+    return EndpointError("storage", f"Cannot store the package at '{path}': {error.strerror}.")
+
+
+def _partial_size(part: Path) -> int:
+    """The bytes of a download to resume; 0 when there is none this device wrote."""
+    try:
+        info = os.lstat(part)
+    except OSError:
+        return 0
+    return info.st_size if _ours(info) else 0
+
+
+def _read_tag(tag_file: Path) -> str:
+    try:
+        fd = os.open(tag_file, os.O_RDONLY | _EXISTING)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as file:
+        if not _ours(os.fstat(fd)):
+            return ""
+        return file.read(1024).decode("latin-1").strip()
+
+
+def _seal(part: Path, offer: Offer) -> os.stat_result:
+    """Make the finished download read-only, then check its size and hash through that descriptor.
+
+    Returns its ``stat``: the caller checks that the name it hands on is still this file.
+    """
+    try:
+        fd = os.open(part, os.O_RDONLY | _EXISTING)
+    except OSError as e:
+        raise _storage_error(part, e) from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not _ours(info):
+            raise EndpointError("storage", f"The download '{part}' is not a file of its own.")
+        os.fchmod(fd, 0o400)
+        if info.st_size != offer.size:
+            raise EndpointError(
+                "size-mismatch",
+                f"Received {info.st_size} bytes of {offer.name}; {offer.size} were announced.",
+            )
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    if digest != offer.sha256:
+        raise EndpointError(
+            "sha256-mismatch",
+            f"{offer.name} has SHA-256 {digest}, not the announced {offer.sha256}; deleted.",
+        )
+    return info
 
 
 def _http_error(what: str, status: int, body: bytes) -> EndpointError:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import random
-import re
+import shutil
 import tempfile
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +39,6 @@ IN_PROGRESS = "in-progress"
 FAILED = "failed"
 STATUSES = (WAITING, NO_POLICY, UP_TO_DATE, PENDING, IN_PROGRESS, FAILED)
 DOWNLOAD_MODES = ("full", "head")
-_SAFE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(eq=False)
@@ -59,7 +58,11 @@ class Device:
 
 
 Installer = Callable[[Device, Offer, Path | None], Awaitable[None]]
-"""Installs a verified package (``None`` with ``download="head"``); raises to fail."""
+"""Installs a verified package (``None`` with ``download="head"``); raises to fail.
+
+The path is the very file that was hashed, read-only (0400), in the private
+work directory: no other user can change or replace it after verification.
+"""
 
 
 async def _no_install(device: Device, offer: Offer, path: Path | None) -> None:
@@ -71,10 +74,14 @@ class Endpoint:
 
     ``download`` is ``"full"`` (fetch and verify every byte into ``workdir``)
     or ``"head"`` (check the size and hash headers only, for rehearsals at
-    scale). ``poll_interval`` overrides the server's ``pollInterval``
-    (seconds); ``jitter`` spreads each wait by ± that share. An update that
-    failed ``max_attempts`` times (a bad size or hash, or the install; not
-    the network) is not tried again until the server offers another package.
+    scale). ``workdir`` is made private (0700); by default it is a new
+    ``tempfile.mkdtemp()`` directory, removed with the endpoint, so a download
+    resumes across polls but not across restarts: give a directory of the
+    device's own to keep partial downloads. ``poll_interval`` overrides the
+    server's ``pollInterval`` (seconds); ``jitter`` spreads each wait by ±
+    that share. An update that failed ``max_attempts`` times (a bad size or
+    hash, or the install; not the network) is not tried again until the
+    server offers another package.
     ``on_status(device, old_status)`` is called on every change of a
     device's status.
     """
@@ -328,8 +335,10 @@ class Endpoint:
 
     def _directory(self) -> Path:
         if self.workdir is None:
-            name = self.serial if _SAFE.fullmatch(self.serial) else _digest(self.serial)
-            self.workdir = Path(tempfile.gettempdir()) / "dynupdate-endpoint" / name
+            # Private (0700) and unpredictable: a fixed path under /tmp would let another
+            # local user plant a symlink there first. It goes with the endpoint.
+            self.workdir = Path(tempfile.mkdtemp(prefix="dynupdate-endpoint-"))
+            weakref.finalize(self, shutil.rmtree, self.workdir, ignore_errors=True)
         return self.workdir
 
 
@@ -346,7 +355,3 @@ def _status_of(reason: str) -> str:
     if reason == "up-to-date":
         return UP_TO_DATE
     return PENDING  # in-call, outside-window, and reasons later servers add
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
