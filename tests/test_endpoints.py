@@ -8,8 +8,10 @@ import pytest
 
 from dynupdate.core.endpoints import (
     HISTORY_LIMIT,
+    Forgotten,
     Sighting,
     StatusReport,
+    forget_endpoints,
     get_endpoint,
     list_endpoints,
     overview,
@@ -134,6 +136,13 @@ def test_report_from_unknown_device_registers_it(fleet_home):
     assert get_endpoint(fleet_home.db, load_fleet_state(fleet_home.db), "NEW")["version"] == "6.2.2"
 
 
+def table(home) -> list[tuple]:
+    """Every row of both endpoint tables: what a refused write must leave as it was."""
+    return home.db.execute("SELECT * FROM endpoints ORDER BY serial").fetchall() + (
+        home.db.execute("SELECT * FROM endpoint_history ORDER BY id").fetchall()
+    )
+
+
 def test_history_is_bounded_and_not_one_row_per_poll(fleet_home):
     for i in range(10):
         poll(fleet_home, "A", "6.2.1", at=T0 + timedelta(minutes=i))
@@ -187,3 +196,47 @@ def test_overview_counts_and_spread(fleet_home):
 def test_unknown_serial(fleet_home):
     with pytest.raises(NotFound, match="NOPE"):
         get_endpoint(fleet_home.db, load_fleet_state(fleet_home.db), "NOPE")
+
+
+def test_forget_removes_devices_their_peripherals_and_history(fleet_home):
+    poll(fleet_home, "EP1", "6.2.1")
+    poll(fleet_home, "CAM1", "1.4.0", type_="EagleEyeIV", parent="EP1")
+    poll(fleet_home, "EP2", "6.2.1")
+    poll(fleet_home, "CAM2", "1.4.0", type_="EagleEyeIV", parent="EP2")
+    record_reports(fleet_home.db, [(StatusReport("CAM1", "EagleEyeIV", "1.4.1", "failed"), T0)])
+    assert forget_endpoints(fleet_home.db, ["EP1", "CAM2"]) == Forgotten(("EP1",), ("CAM1", "CAM2"))
+    left = fleet_home.db.execute("SELECT serial FROM endpoints").fetchall()
+    assert left == [("EP2",)]
+    history = fleet_home.db.execute("SELECT DISTINCT serial FROM endpoint_history").fetchall()
+    assert history == [("EP2",)]
+
+
+def test_forget_an_unknown_serial_removes_nothing(fleet_home):
+    poll(fleet_home, "EP1", "6.2.1")
+    poll(fleet_home, "CAM1", "1.4.0", type_="EagleEyeIV", parent="EP1")
+    before = table(fleet_home)
+    with pytest.raises(NotFound, match="'NOPE'"):
+        forget_endpoints(fleet_home.db, ["EP1", "NOPE"])
+    assert table(fleet_home) == before
+    with pytest.raises(InvalidInput):
+        forget_endpoints(fleet_home.db, ["EP1"], stale=timedelta(days=1), now=T0)
+    with pytest.raises(InvalidInput):
+        forget_endpoints(fleet_home.db)
+    assert table(fleet_home) == before
+
+
+def test_forget_stale_counts_polls_and_reports(fleet_home):
+    old = T0 - timedelta(days=10)
+    poll(fleet_home, "SILENT", "6.2.1", at=old)
+    poll(fleet_home, "SILENT-CAM", "1.4.0", type_="EagleEyeIV", parent="SILENT", at=old)
+    poll(fleet_home, "REPORTS", "6.2.1", at=old)  # polled long ago, reported lately
+    record_reports(fleet_home.db, [(StatusReport("REPORTS", "GroupSeries", "6.2.2", "failed"), T0)])
+    poll(fleet_home, "POLLS", "6.2.1", at=T0 - timedelta(days=1))
+    # A peripheral that polled lately goes with its silent endpoint.
+    poll(fleet_home, "OLD-EP", "6.2.1", at=old)
+    poll(fleet_home, "NEW-CAM", "1.4.0", type_="EagleEyeIV", parent="OLD-EP", at=T0)
+    gone = forget_endpoints(fleet_home.db, stale=timedelta(days=7), now=T0)
+    assert gone == Forgotten(("OLD-EP", "SILENT"), ("NEW-CAM", "SILENT-CAM"))
+    left = fleet_home.db.execute("SELECT serial FROM endpoints ORDER BY serial").fetchall()
+    assert left == [("POLLS",), ("REPORTS",)]
+    assert forget_endpoints(fleet_home.db, stale=timedelta(days=7), now=T0) == Forgotten((), ())

@@ -14,14 +14,16 @@ from dynupdate.core.db import write
 from dynupdate.core.devices import type_key
 from dynupdate.core.errors import InvalidInput, NotFound
 from dynupdate.core.fleet import STATUSES, FleetState
-from dynupdate.core.times import format_utc
+from dynupdate.core.times import format_utc, utc_now
 from dynupdate.core.versions import same_version, version_key
 
 __all__ = [
     "HISTORY_LIMIT",
     "REPORT_STATES",
+    "Forgotten",
     "Sighting",
     "StatusReport",
+    "forget_endpoints",
     "get_endpoint",
     "list_endpoints",
     "overview",
@@ -432,3 +434,80 @@ def _overview_row(name: str, fleet: FleetState, kind) -> dict:
         "counts": dict.fromkeys(STATUSES, 0),
         "_versions": Counter(),
     }
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What :func:`forget_endpoints` removed, by kind (serials sorted)."""
+
+    endpoints: tuple[str, ...]
+    peripherals: tuple[str, ...]
+
+
+def forget_endpoints(
+    db: sqlite_utils.Database,
+    serials: Sequence[str] = (),
+    *,
+    stale: timedelta | None = None,
+    now: datetime | None = None,
+) -> Forgotten:
+    """Remove the named devices, or those silent for ``stale``, with their peripherals and history.
+
+    One transaction: a serial that is not registered refuses the whole call
+    and nothing is removed. A device is stale when neither a poll nor a
+    report came from it for ``stale`` (before ``now``).
+
+    >>> from dynupdate.core.db import connect, migrations
+    >>> db = connect(":memory:"); migrations.apply(db)
+    >>> record_polls(db, [(Sighting("EP", "Trio", "1"), utc_now()),
+    ...                   (Sighting("CAM", "Cam", "1", parent_serial="EP"), utc_now())])
+    >>> forget_endpoints(db, ["EP"])
+    Forgotten(endpoints=('EP',), peripherals=('CAM',))
+    """
+    if bool(serials) == (stale is not None):
+        raise InvalidInput("Name the devices to forget, or a stale duration, not both.")
+    with write(db):
+        if stale is not None:
+            cutoff = format_utc((now or utc_now()) - stale)
+            chosen = dict(
+                db.execute(
+                    "SELECT serial, parent_serial FROM endpoints"
+                    " WHERE coalesce(last_poll, '') < ? AND coalesce(last_report, '') < ?",
+                    (cutoff, cutoff),
+                ).fetchall()
+            )
+        else:
+            wanted = list(dict.fromkeys(serials))
+            chosen = registered_parents(db, wanted)
+            missing = [s for s in wanted if s not in chosen]
+            if missing:
+                shown = ", ".join(repr(s[:64]) for s in missing[:3])
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                raise NotFound(
+                    f"No endpoint with serial {shown}{more}; nothing was forgotten."
+                    " See: dynupdate endpoint list"
+                )
+        removed = dict(chosen)
+        frontier = list(chosen)
+        while frontier:  # peripherals go with their endpoint
+            attached = _attached(db, frontier)
+            frontier = [serial for serial in attached if serial not in removed]
+            removed.update(attached)
+        rows = [(serial,) for serial in removed]
+        db.conn.executemany("DELETE FROM endpoint_history WHERE serial = ?", rows)
+        db.conn.executemany("DELETE FROM endpoints WHERE serial = ?", rows)
+    return Forgotten(
+        endpoints=tuple(sorted(s for s, parent in removed.items() if parent is None)),
+        peripherals=tuple(sorted(s for s, parent in removed.items() if parent is not None)),
+    )
+
+
+def _attached(db: sqlite_utils.Database, parents: Sequence[str]) -> dict[str, str]:
+    """The devices registered under any of ``parents``, each with its parent."""
+    found: dict[str, str] = {}
+    for start in range(0, len(parents), 500):
+        chunk = parents[start : start + 500]
+        marks = ", ".join("?" * len(chunk))
+        query = f"SELECT serial, parent_serial FROM endpoints WHERE parent_serial IN ({marks})"
+        found.update(db.execute(query, chunk).fetchall())
+    return found
