@@ -53,6 +53,7 @@ __all__ = [
     "MAX_PERIPHERALS",
     "PROTOCOL",
     "STATES",
+    "UNKNOWN_DEVICE",
     "Device",
     "DeviceReport",
     "NoOffer",
@@ -73,6 +74,8 @@ __all__ = [
 PROTOCOL = "1"
 MALFORMED_XML = "malformed-xml"
 INVALID_REQUEST = "invalid-request"
+# 409: a report about a device that has never polled (it polls, then reports again).
+UNKNOWN_DEVICE = "unknown-device"
 STATES = ("downloading", "installing", "installed", "failed")
 
 MAX_DEPTH = 32  # the root is level 1; the protocol itself needs 2

@@ -26,8 +26,9 @@ from dynupdate.core.decision import DeviceState
 from dynupdate.core.endpoints import (
     Sighting,
     StatusReport,
+    UnknownDevice,
     record_polls,
-    record_reports,
+    record_report_groups,
     registered_parents,
 )
 from dynupdate.core.fleet import FleetCache, FleetState
@@ -71,7 +72,8 @@ class EndpointWriter:
     Polls are queued and written together every ``flush_interval`` (they only
     need to be visible within a second); a report wakes the writer at once and
     its future resolves only after COMMIT, so an acknowledged report survives a
-    crash.
+    crash. Polls are written before the reports queued after them, so a device
+    may report right after its first poll.
     """
 
     def __init__(self, db_path: Path, flush_interval: float = 0.2) -> None:
@@ -94,6 +96,10 @@ class EndpointWriter:
         reports: Sequence[tuple[StatusReport, datetime]],
         done: Callable[[Exception | None], None],
     ) -> None:
+        """Store one report, all or nothing; ``done(None)``, or ``done(error)`` when it is not.
+
+        The error is :class:`UnknownDevice` when a device of it has never polled.
+        """
         self._queue.put(("report", reports, done))
         self._urgent.set()
 
@@ -131,7 +137,7 @@ class EndpointWriter:
                     if kind == "poll":
                         polls.extend(payload)
                     elif kind == "report":
-                        reports.extend(payload)
+                        reports.append(payload)
                         waiting.append(done)
                     else:
                         stop = True
@@ -146,19 +152,18 @@ class EndpointWriter:
             except Exception as e:
                 log.error("Could not record %d polls: %s", len(polls), _one_line(e))
         if reports:
-            error: Exception | None = None
             try:
-                record_reports(db, reports)
+                outcomes: list[Exception | None] = list(record_report_groups(db, reports))
             except Exception as e:
                 # One line: a full disk or a held lock is an operator's matter, not a bug.
                 log.error(
                     "Could not store a report of %d devices (answered 503): %s",
-                    len(reports),
+                    sum(len(group) for group in reports),
                     _one_line(e),
                 )
-                error = e
-            for done in waiting:
-                done(error)
+                outcomes = [e] * len(reports)
+            for done, outcome in zip(waiting, outcomes, strict=True):
+                done(outcome)
 
 
 class PollApp:
@@ -285,14 +290,14 @@ class PollApp:
             (StatusReport(d.serial, d.type, d.version, d.state, d.detail), now)
             for d in report.devices
         ]
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-
-        def done(error: Exception | None) -> None:
-            loop.call_soon_threadsafe(_settle, future, error)
-
-        self.writer.reports(items, done)
-        error = await future
+        error = await self._store_report(items)
+        if isinstance(error, UnknownDevice):
+            # The device's first poll may wait for the grouped write of another
+            # worker (this worker's polls are written before its reports): once more.
+            await asyncio.sleep(2 * self.options.flush_interval + 0.1)
+            error = await self._store_report(items)
+            if isinstance(error, UnknownDevice):
+                return _error(409, protocol.UNKNOWN_DEVICE, str(error))
         if error is not None:
             return _error(
                 503,
@@ -304,6 +309,17 @@ class PollApp:
         return Response(
             200, [XML], protocol.report_response(), log=f"{first.serial} report {first.state}"
         )
+
+    async def _store_report(self, items: list[tuple[StatusReport, datetime]]) -> Exception | None:
+        """Hand the report to the writer; its error once the transaction is over, or None."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def done(error: Exception | None) -> None:
+            loop.call_soon_threadsafe(_settle, future, error)
+
+        self.writer.reports(items, done)
+        return await future
 
     # Who may speak for a device (--bind-serial) --------------------------------------------
 

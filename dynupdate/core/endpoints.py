@@ -23,17 +23,29 @@ __all__ = [
     "Forgotten",
     "Sighting",
     "StatusReport",
+    "UnknownDevice",
     "forget_endpoints",
     "get_endpoint",
     "list_endpoints",
     "overview",
     "record_polls",
+    "record_report_groups",
     "record_reports",
     "registered_parents",
 ]
 
 HISTORY_LIMIT = 50
 REPORT_STATES = ("downloading", "installing", "installed", "failed")
+
+
+class UnknownDevice(NotFound):
+    """A report names a device that has never polled (answered ``409 unknown-device``)."""
+
+    def __init__(self, serials: Sequence[str]) -> None:
+        self.serials = tuple(serials)
+        shown = ", ".join(repr(s[:64]) for s in self.serials[:3])
+        more = f" and {len(self.serials) - 3} more" if len(self.serials) > 3 else ""
+        super().__init__(f"No device {shown}{more} has polled yet: poll, then report again.")
 
 
 @dataclass(frozen=True)
@@ -204,27 +216,52 @@ def _record_poll(db: sqlite_utils.Database, s: Sighting, at: str, touched: set[s
 def record_reports(
     db: sqlite_utils.Database, reports: Sequence[tuple[StatusReport, datetime]]
 ) -> None:
-    """Store status reports durably (the caller acknowledges only after this returns)."""
+    """Store one report durably, all or nothing (the caller acknowledges only after this returns).
+
+    Raises :class:`UnknownDevice`, having stored nothing, when a device of the
+    report has never polled: a report registers nobody, so that anyone able to
+    reach the server cannot fill its disk with invented devices.
+    """
+    [refused] = record_report_groups(db, [reports])
+    if refused is not None:
+        raise refused
+
+
+def record_report_groups(
+    db: sqlite_utils.Database, groups: Sequence[Sequence[tuple[StatusReport, datetime]]]
+) -> list[UnknownDevice | None]:
+    """Store several reports in one transaction, each all or nothing; per report, its refusal.
+
+    The check that every device is registered runs in the transaction that
+    writes, so a device forgotten meanwhile cannot slip through.
+    """
+    refusals: list[UnknownDevice | None] = []
     with write(db):
-        for r, when in reports:
-            at = format_utc(when)
-            detail = r.detail if r.state == "failed" else None
-            exists = db.execute("SELECT 1 FROM endpoints WHERE serial = ?", (r.serial,)).fetchone()
-            if exists is None:
-                db.execute(
-                    "INSERT INTO endpoints (serial, type, type_key, version, first_seen)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (r.serial, r.type, type_key(r.type), r.version, at),
-                )
-                _history(db, r.serial, at, "first-seen", r.version)
-            db.execute(
-                "UPDATE endpoints SET last_report = ?, report_state = ?, report_version = ?,"
-                " report_detail = ?, version = CASE WHEN ? THEN ? ELSE version END"
-                " WHERE serial = ?",
-                (at, r.state, r.version, detail, r.state == "installed", r.version, r.serial),
-            )
-            _history(db, r.serial, at, r.state, r.version, r.detail)
-        _prune(db, {r.serial for r, _ in reports})
+        known = registered_parents(db, (r.serial for group in groups for r, _ in group))
+        stored: set[str] = set()
+        for group in groups:
+            serials = dict.fromkeys(r.serial for r, _ in group)
+            unknown = [serial for serial in serials if serial not in known]
+            if unknown:
+                refusals.append(UnknownDevice(unknown))
+                continue
+            for r, when in group:
+                _store_report(db, r, format_utc(when))
+            stored.update(serials)
+            refusals.append(None)
+        _prune(db, stored)
+    return refusals
+
+
+def _store_report(db: sqlite_utils.Database, r: StatusReport, at: str) -> None:
+    detail = r.detail if r.state == "failed" else None
+    db.execute(
+        "UPDATE endpoints SET last_report = ?, report_state = ?, report_version = ?,"
+        " report_detail = ?, version = CASE WHEN ? THEN ? ELSE version END"
+        " WHERE serial = ?",
+        (at, r.state, r.version, detail, r.state == "installed", r.version, r.serial),
+    )
+    _history(db, r.serial, at, r.state, r.version, r.detail)
 
 
 _ENDPOINT_COLUMNS = (
