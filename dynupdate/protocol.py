@@ -45,6 +45,7 @@ from datetime import UTC, datetime
 from lxml import etree
 
 __all__ = [
+    "FORBIDDEN",
     "INVALID_REQUEST",
     "MALFORMED_XML",
     "MAX_DEPTH",
@@ -76,6 +77,8 @@ MALFORMED_XML = "malformed-xml"
 INVALID_REQUEST = "invalid-request"
 # 409: a report about a device that has never polled (it polls, then reports again).
 UNKNOWN_DEVICE = "unknown-device"
+# Under --bind-serial: the 403 error code, and the reason of a peripheral's <noUpdate>.
+FORBIDDEN = "forbidden"
 STATES = ("downloading", "installing", "installed", "failed")
 
 MAX_DEPTH = 32  # the root is level 1; the protocol itself needs 2

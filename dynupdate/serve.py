@@ -239,8 +239,12 @@ class PollApp:
 
     def _poll(self, request: Request) -> Response:
         poll = protocol.parse_poll(request.body)
-        if self._bind_serial and (denied := self._deny_poll(request, poll)) is not None:
-            return denied
+        refused: frozenset[str] = frozenset()
+        if self._bind_serial:
+            try:
+                refused = self._refused_peripherals(request, poll)
+            except Forbidden as e:
+                return _error(403, protocol.FORBIDDEN, str(e))
         now = self.options.clock()
         fleet = self.fleet()
         endpoint = poll.endpoint
@@ -250,6 +254,10 @@ class PollApp:
         sightings = []
         for device in (endpoint, *poll.peripherals):
             serial, type_, version = device.serial, device.type, device.version
+            if refused and serial in refused:
+                # Another endpoint's: answered on its own, recorded nowhere.
+                answers.append(protocol.NoOffer(serial, type_, protocol.FORBIDDEN))
+                continue
             decision = fleet.decide(DeviceState(serial, type_, version, in_call, tz), now)
             package = decision.package
             if package is not None:
@@ -323,17 +331,13 @@ class PollApp:
 
     # Who may speak for a device (--bind-serial) --------------------------------------------
 
-    def _deny_poll(self, request: Request, poll: protocol.Poll) -> Response | None:
-        """403 unless the certificate names the polling endpoint and may claim its peripherals."""
+    def _refused_peripherals(self, request: Request, poll: protocol.Poll) -> frozenset[str]:
+        """The peripherals the certificate may not speak for; Forbidden for the endpoint itself."""
         names = certificate_names(request.peer_cert)
         serial = poll.endpoint.serial
         others = [p.serial for p in poll.peripherals if p.serial not in names]
         parents = registered_parents(self.home.db, others) if others and serial in names else {}
-        try:
-            check_poll(names, serial, [(s, _owner(parents, s)) for s in others])
-        except Forbidden as e:
-            return _error(403, "forbidden", str(e))
-        return None
+        return check_poll(names, serial, [(s, _owner(parents, s)) for s in others])
 
     async def _deny_report(self, request: Request, report: protocol.Report) -> Response | None:
         """403 unless every reported device is the certificate's or one of its peripherals."""
@@ -347,7 +351,7 @@ class PollApp:
                 check_report(names, [(s, _owner(parents, s)) for s in others])
                 return None
             except Forbidden as e:
-                denied = _error(403, "forbidden", str(e))
+                denied = _error(403, protocol.FORBIDDEN, str(e))
             if attempt or all(s in parents for s in others):
                 break
             # A peripheral's first poll may still wait for its grouped write (in this
