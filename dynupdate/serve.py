@@ -13,7 +13,9 @@ import asyncio
 import logging
 import queue
 import re
+import sqlite3
 import threading
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,6 +33,7 @@ from dynupdate.core.endpoints import (
     record_report_groups,
     registered_parents,
 )
+from dynupdate.core.errors import StorageError
 from dynupdate.core.fleet import FleetCache, FleetState
 from dynupdate.core.home import Home
 from dynupdate.core.store import is_sha256
@@ -66,6 +69,13 @@ def _error(status: int, code: str, message: str, *extra: tuple[str, str]) -> Res
     return Response(status, [XML, *extra], protocol.error_document(code, message), log=code)
 
 
+# Polls not yet recorded while the database cannot be written (a full disk): the
+# newest of each device is kept, for at most this many devices, and retried.
+MAX_UNRECORDED = 100_000
+RETRY_EVERY = 1.0  # seconds between retries of kept polls while writes fail
+RETRY_SLICE = 2_000  # kept polls per retried transaction: a failing retry stays cheap
+
+
 class EndpointWriter:
     """One thread, one connection: groups poll writes; reports are committed before replying.
 
@@ -74,16 +84,35 @@ class EndpointWriter:
     its future resolves only after COMMIT, so an acknowledged report survives a
     crash. Polls are written before the reports queued after them, so a device
     may report right after its first poll.
+
+    While the database cannot be written (a full disk, a lock held too long),
+    polls are still answered: the newest poll of each device is kept (at most
+    ``max_unrecorded`` devices) and written once writing works again. One log
+    line says when that starts and one when it ends.
     """
 
-    def __init__(self, db_path: Path, flush_interval: float = 0.2) -> None:
+    def __init__(
+        self,
+        db_path: Path,
+        flush_interval: float = 0.2,
+        max_unrecorded: int = MAX_UNRECORDED,
+        *,
+        connect_db: Callable[[Path], Any] = connect,  # tests give a database that fills up
+    ) -> None:
         self.db_path = db_path
+        self._connect = connect_db
         self.flush_interval = flush_interval
+        self.max_unrecorded = max_unrecorded
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         # Set when something must not wait for the next grouped write: a report, stop.
         self._urgent = threading.Event()
         self._thread = threading.Thread(target=self._run, name="endpoint-writer", daemon=True)
         self._stopping = False
+        # Only the writer thread touches these.
+        self._unrecorded: dict[str, tuple[Sighting, datetime]] = {}
+        self._failing_since = 0.0  # time.monotonic() when writes began to fail
+        self._next_retry = 0.0
+        self._dropped = 0  # polls of devices past max_unrecorded, this episode
 
     def start(self) -> None:
         self._thread.start()
@@ -110,7 +139,7 @@ class EndpointWriter:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        db = connect(self.db_path)
+        db = self._connect(self.db_path)
         try:
             stop = False
             while not stop:
@@ -120,6 +149,8 @@ class EndpointWriter:
                 try:
                     first = self._queue.get(timeout=self.flush_interval)
                 except queue.Empty:
+                    if self._unrecorded and time.monotonic() >= self._next_retry:
+                        self._record_polls(db, [], retry_now=False)
                     continue
                 # Let polls gather for a moment unless a report is waiting. One
                 # sleep rather than a wake-up per poll: under load, the writer
@@ -141,16 +172,20 @@ class EndpointWriter:
                         waiting.append(done)
                     else:
                         stop = True
-                self._write(db, polls, reports, waiting)
+                self._write(db, polls, reports, waiting, last=stop)
         finally:
             db.close()
 
-    def _write(self, db, polls, reports, waiting) -> None:
-        if polls:
-            try:
-                record_polls(db, polls)
-            except Exception as e:
-                log.error("Could not record %d polls: %s", len(polls), _one_line(e))
+    def _write(self, db, polls, reports, waiting, last: bool = False) -> None:
+        if polls or self._unrecorded:
+            # A waiting report may be about a device whose first poll is kept.
+            self._record_polls(db, polls, retry_now=bool(reports) or last)
+        if last and self._unrecorded:
+            log.error(
+                "stopping with %d polls not recorded: %s",
+                len(self._unrecorded),
+                "the database still cannot be written",
+            )
         if reports:
             try:
                 outcomes: list[Exception | None] = list(record_report_groups(db, reports))
@@ -162,8 +197,85 @@ class EndpointWriter:
                     _one_line(e),
                 )
                 outcomes = [e] * len(reports)
+            for i, outcome in enumerate(outcomes):
+                if isinstance(outcome, UnknownDevice) and any(
+                    serial in self._unrecorded for serial in outcome.serials
+                ):
+                    # Its poll is kept, not written: the device is known, the disk is full.
+                    outcomes[i] = StorageError("a poll of its device is not recorded yet")
+                    log.error(
+                        "Could not store a report of %d devices (answered 503): %s",
+                        len(reports[i]),
+                        outcomes[i],
+                    )
             for done, outcome in zip(waiting, outcomes, strict=True):
                 done(outcome)
+
+    def _record_polls(self, db, polls, *, retry_now: bool) -> None:
+        if not self._unrecorded:
+            try:
+                record_polls(db, polls)
+                return
+            except Exception as e:
+                if not _unwritable(e):
+                    log.error("Could not record %d polls: %s", len(polls), _one_line(e))
+                    return
+                self._failing_since = time.monotonic()
+                self._next_retry = self._failing_since + RETRY_EVERY
+                self._keep(polls)
+                log.error(
+                    "cannot record polls: %s; keeping %d registrations to retry",
+                    _one_line(e),
+                    len(self._unrecorded),
+                )
+                return
+        self._keep(polls)
+        if not retry_now and time.monotonic() < self._next_retry:
+            return
+        # Oldest first, in slices: progress on a disk that frees up slowly, and a
+        # retry on a disk still full fails after one slice's work, not all of it.
+        kept = list(self._unrecorded.values())
+        recorded = 0
+        for start in range(0, len(kept), RETRY_SLICE):
+            chunk = kept[start : start + RETRY_SLICE]
+            try:
+                record_polls(db, chunk)
+            except Exception as e:
+                if _unwritable(e):
+                    self._next_retry = time.monotonic() + RETRY_EVERY
+                    return
+                log.error("Could not record %d kept polls: %s", len(chunk), _one_line(e))
+            for sighting, _ in chunk:
+                del self._unrecorded[sighting.serial]
+            recorded += len(chunk)
+        dropped = (
+            f"; the polls of {self._dropped} more devices were not kept"
+            f" (over {self.max_unrecorded})"
+            if self._dropped
+            else ""
+        )
+        log.warning(
+            "recorded %d polls kept during %.0f s of database errors%s",
+            recorded,
+            time.monotonic() - self._failing_since,
+            dropped,
+        )
+        self._dropped = 0
+
+    def _keep(self, polls) -> None:
+        """Keep the newest poll of each device, for at most ``max_unrecorded`` devices."""
+        for item in polls:
+            serial = item[0].serial
+            if serial not in self._unrecorded and len(self._unrecorded) >= self.max_unrecorded:
+                self._dropped += 1
+                if self._dropped == 1:
+                    log.error(
+                        "cannot keep more than %d registrations: the polls of further devices"
+                        " are not recorded until the database can be written",
+                        self.max_unrecorded,
+                    )
+                continue
+            self._unrecorded[serial] = item
 
 
 class PollApp:
@@ -384,6 +496,11 @@ def _owner(parents: dict[str, str | None], serial: str) -> str | None:
         return None  # not registered yet: a poll may claim it as its peripheral
     parent = parents[serial]
     return serial if parent is None else parent
+
+
+def _unwritable(error: Exception) -> bool:
+    """The database cannot be written for now (full, read-only, locked), as opposed to a bug."""
+    return isinstance(error, (sqlite3.OperationalError, StorageError))
 
 
 def _one_line(error: BaseException) -> str:

@@ -48,7 +48,7 @@ class UnknownDevice(NotFound):
         super().__init__(f"No device {shown}{more} has polled yet: poll, then report again.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sighting:
     """What one poll said about one device (an endpoint or a peripheral)."""
 
