@@ -262,6 +262,23 @@ def test_a_squatted_camera_blocks_neither_its_endpoint_nor_its_update(
     assert post(bound, rightful, "/report", report_body("ROOM-1-CAM"))[0] == 200
 
 
+def test_an_endpoint_claimed_as_a_peripheral_still_polls_as_itself(bound, pki):
+    # Refusing it would let anyone lock an endpoint out by naming it first.
+    squatter, rightful = pki.endpoint("SQUATTER-2"), pki.endpoint("ROOM-2")
+    assert post(bound, squatter, "/poll", poll_body("SQUATTER-2", "ROOM-2"))[0] == 200
+    assert wait_registered(bound.home, "ROOM-2") == ("SQUATTER-2", None)
+    assert answers(post(bound, rightful, "/poll", poll_body("ROOM-2"))) == {
+        "ROOM-2": ("noUpdate", "no-policy")
+    }
+    deadline = time.monotonic() + 5
+    while registered(bound.home, "ROOM-2") != (None, None):  # its grouped write
+        assert time.monotonic() < deadline, registered(bound.home, "ROOM-2")
+        threading.Event().wait(0.05)
+    answer = post(bound, squatter, "/poll", poll_body("SQUATTER-2", "ROOM-2"))
+    assert answers(answer)["ROOM-2"] == ("noUpdate", "forbidden")
+    assert_forbidden(post(bound, squatter, "/report", report_body("ROOM-2")), "ROOM-2")
+
+
 def test_reports_for_its_own_serial_and_peripherals_only(bound, pki):
     mine, theirs = pki.endpoint("REP-MINE"), pki.endpoint("REP-THEIRS")
     assert post(bound, mine, "/poll", poll_body("REP-MINE", "REP-CAM"))[0] == 200
