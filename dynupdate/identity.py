@@ -4,8 +4,10 @@ Under mutual TLS with ``--bind-serial``, an endpoint may poll only as the
 serial in its certificate (the subject CN, or any DNS, URI or email SAN
 value; Python's ssl shows otherName SANs only as ``<unsupported>``, so they
 never count), and report only for that serial and the peripherals registered
-under it. A peripheral already attached to another endpoint cannot be
-claimed by a poll either.
+under it. A peripheral attached to another endpoint (or itself a registered
+endpoint) is not claimed by a poll: it is answered ``forbidden`` on its own,
+so that whoever claimed a camera first cannot get its rightful endpoint's
+whole poll refused.
 """
 
 from __future__ import annotations
@@ -36,15 +38,22 @@ def certificate_names(peer_cert: dict | None) -> frozenset[str]:
 
 def check_poll(
     names: frozenset[str], endpoint_serial: str, peripherals: Iterable[tuple[str, str | None]]
-) -> None:
-    """``peripherals``: (serial, current parent serial or None) for each peripheral polled."""
+) -> frozenset[str]:
+    """The peripherals this poll may not speak for; :class:`Forbidden` for the endpoint itself.
+
+    ``peripherals``: (serial, who speaks for it now) for each peripheral polled:
+    its registered parent, itself for a registered endpoint, None when unknown.
+
+    >>> check_poll(frozenset({"EP"}), "EP", [("CAM", "EP"), ("NEW", None), ("TAKEN", "OTHER")])
+    frozenset({'TAKEN'})
+    """
     if endpoint_serial not in names:
         raise Forbidden(f"This certificate may not poll for serial {endpoint_serial[:64]!r}.")
-    for serial, parent in peripherals:
-        if serial in names:
-            continue
-        if parent is not None and parent != endpoint_serial:
-            raise Forbidden(f"Peripheral {serial[:64]!r} belongs to another endpoint.")
+    return frozenset(
+        serial
+        for serial, owner in peripherals
+        if serial not in names and owner is not None and owner != endpoint_serial
+    )
 
 
 def check_report(names: frozenset[str], devices: Iterable[tuple[str, str | None]]) -> None:

@@ -45,6 +45,7 @@ from datetime import UTC, datetime
 from lxml import etree
 
 __all__ = [
+    "FORBIDDEN",
     "INVALID_REQUEST",
     "MALFORMED_XML",
     "MAX_DEPTH",
@@ -53,6 +54,7 @@ __all__ = [
     "MAX_PERIPHERALS",
     "PROTOCOL",
     "STATES",
+    "UNKNOWN_DEVICE",
     "Device",
     "DeviceReport",
     "NoOffer",
@@ -73,6 +75,10 @@ __all__ = [
 PROTOCOL = "1"
 MALFORMED_XML = "malformed-xml"
 INVALID_REQUEST = "invalid-request"
+# 409: a report about a device that has never polled (it polls, then reports again).
+UNKNOWN_DEVICE = "unknown-device"
+# Under --bind-serial: the 403 error code, and the reason of a peripheral's <noUpdate>.
+FORBIDDEN = "forbidden"
 STATES = ("downloading", "installing", "installed", "failed")
 
 MAX_DEPTH = 32  # the root is level 1; the protocol itself needs 2

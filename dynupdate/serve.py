@@ -13,7 +13,9 @@ import asyncio
 import logging
 import queue
 import re
+import sqlite3
 import threading
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,10 +28,12 @@ from dynupdate.core.decision import DeviceState
 from dynupdate.core.endpoints import (
     Sighting,
     StatusReport,
+    UnknownDevice,
     record_polls,
-    record_reports,
+    record_report_groups,
     registered_parents,
 )
+from dynupdate.core.errors import StorageError
 from dynupdate.core.fleet import FleetCache, FleetState
 from dynupdate.core.home import Home
 from dynupdate.core.keys import key_for
@@ -66,23 +70,50 @@ def _error(status: int, code: str, message: str, *extra: tuple[str, str]) -> Res
     return Response(status, [XML, *extra], protocol.error_document(code, message), log=code)
 
 
+# Polls not yet recorded while the database cannot be written (a full disk): the
+# newest of each device is kept, for at most this many devices, and retried.
+MAX_UNRECORDED = 100_000
+RETRY_EVERY = 1.0  # seconds between retries of kept polls while writes fail
+RETRY_SLICE = 2_000  # kept polls per retried transaction: a failing retry stays cheap
+
+
 class EndpointWriter:
     """One thread, one connection: groups poll writes; reports are committed before replying.
 
     Polls are queued and written together every ``flush_interval`` (they only
     need to be visible within a second); a report wakes the writer at once and
     its future resolves only after COMMIT, so an acknowledged report survives a
-    crash.
+    crash. Polls are written before the reports queued after them, so a device
+    may report right after its first poll.
+
+    While the database cannot be written (a full disk, a lock held too long),
+    polls are still answered: the newest poll of each device is kept (at most
+    ``max_unrecorded`` devices) and written once writing works again. One log
+    line says when that starts and one when it ends.
     """
 
-    def __init__(self, db_path: Path, flush_interval: float = 0.2) -> None:
+    def __init__(
+        self,
+        db_path: Path,
+        flush_interval: float = 0.2,
+        max_unrecorded: int = MAX_UNRECORDED,
+        *,
+        connect_db: Callable[[Path], Any] = connect,  # tests give a database that fills up
+    ) -> None:
         self.db_path = db_path
+        self._connect = connect_db
         self.flush_interval = flush_interval
+        self.max_unrecorded = max_unrecorded
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         # Set when something must not wait for the next grouped write: a report, stop.
         self._urgent = threading.Event()
         self._thread = threading.Thread(target=self._run, name="endpoint-writer", daemon=True)
         self._stopping = False
+        # Only the writer thread touches these.
+        self._unrecorded: dict[str, tuple[Sighting, datetime]] = {}
+        self._failing_since = 0.0  # time.monotonic() when writes began to fail
+        self._next_retry = 0.0
+        self._dropped = 0  # polls of devices past max_unrecorded, this episode
 
     def start(self) -> None:
         self._thread.start()
@@ -95,6 +126,10 @@ class EndpointWriter:
         reports: Sequence[tuple[StatusReport, datetime]],
         done: Callable[[Exception | None], None],
     ) -> None:
+        """Store one report, all or nothing; ``done(None)``, or ``done(error)`` when it is not.
+
+        The error is :class:`UnknownDevice` when a device of it has never polled.
+        """
         self._queue.put(("report", reports, done))
         self._urgent.set()
 
@@ -105,7 +140,7 @@ class EndpointWriter:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        db = connect(self.db_path)
+        db = self._connect(self.db_path)
         try:
             stop = False
             while not stop:
@@ -115,6 +150,8 @@ class EndpointWriter:
                 try:
                     first = self._queue.get(timeout=self.flush_interval)
                 except queue.Empty:
+                    if self._unrecorded and time.monotonic() >= self._next_retry:
+                        self._record_polls(db, [], retry_now=False)
                     continue
                 # Let polls gather for a moment unless a report is waiting. One
                 # sleep rather than a wake-up per poll: under load, the writer
@@ -132,34 +169,114 @@ class EndpointWriter:
                     if kind == "poll":
                         polls.extend(payload)
                     elif kind == "report":
-                        reports.extend(payload)
+                        reports.append(payload)
                         waiting.append(done)
                     else:
                         stop = True
-                self._write(db, polls, reports, waiting)
+                self._write(db, polls, reports, waiting, last=stop)
         finally:
             db.close()
 
-    def _write(self, db, polls, reports, waiting) -> None:
-        if polls:
-            try:
-                record_polls(db, polls)
-            except Exception as e:
-                log.error("Could not record %d polls: %s", len(polls), _one_line(e))
+    def _write(self, db, polls, reports, waiting, last: bool = False) -> None:
+        if polls or self._unrecorded:
+            # A waiting report may be about a device whose first poll is kept.
+            self._record_polls(db, polls, retry_now=bool(reports) or last)
+        if last and self._unrecorded:
+            log.error(
+                "stopping with %d polls not recorded: %s",
+                len(self._unrecorded),
+                "the database still cannot be written",
+            )
         if reports:
-            error: Exception | None = None
             try:
-                record_reports(db, reports)
+                outcomes: list[Exception | None] = list(record_report_groups(db, reports))
             except Exception as e:
                 # One line: a full disk or a held lock is an operator's matter, not a bug.
                 log.error(
                     "Could not store a report of %d devices (answered 503): %s",
-                    len(reports),
+                    sum(len(group) for group in reports),
                     _one_line(e),
                 )
-                error = e
-            for done in waiting:
-                done(error)
+                outcomes = [e] * len(reports)
+            for i, outcome in enumerate(outcomes):
+                if isinstance(outcome, UnknownDevice) and any(
+                    serial in self._unrecorded for serial in outcome.serials
+                ):
+                    # Its poll is kept, not written: the device is known, the disk is full.
+                    outcomes[i] = StorageError("a poll of its device is not recorded yet")
+                    log.error(
+                        "Could not store a report of %d devices (answered 503): %s",
+                        len(reports[i]),
+                        outcomes[i],
+                    )
+            for done, outcome in zip(waiting, outcomes, strict=True):
+                done(outcome)
+
+    def _record_polls(self, db, polls, *, retry_now: bool) -> None:
+        if not self._unrecorded:
+            try:
+                record_polls(db, polls)
+                return
+            except Exception as e:
+                if not _unwritable(e):
+                    log.error("Could not record %d polls: %s", len(polls), _one_line(e))
+                    return
+                self._failing_since = time.monotonic()
+                self._next_retry = self._failing_since + RETRY_EVERY
+                self._keep(polls)
+                log.error(
+                    "cannot record polls: %s; keeping %d registrations to retry",
+                    _one_line(e),
+                    len(self._unrecorded),
+                )
+                return
+        self._keep(polls)
+        if not retry_now and time.monotonic() < self._next_retry:
+            return
+        # Oldest first, in slices: progress on a disk that frees up slowly, and a
+        # retry on a disk still full fails after one slice's work, not all of it.
+        kept = list(self._unrecorded.values())
+        recorded = 0
+        for start in range(0, len(kept), RETRY_SLICE):
+            chunk = kept[start : start + RETRY_SLICE]
+            try:
+                record_polls(db, chunk)
+            except Exception as e:
+                if _unwritable(e):
+                    self._next_retry = time.monotonic() + RETRY_EVERY
+                    return
+                log.error("Could not record %d kept polls: %s", len(chunk), _one_line(e))
+            for sighting, _ in chunk:
+                del self._unrecorded[sighting.serial]
+            recorded += len(chunk)
+        dropped = (
+            f"; the polls of {self._dropped} more devices were not kept"
+            f" (over {self.max_unrecorded})"
+            if self._dropped
+            else ""
+        )
+        log.warning(
+            "recorded %d polls kept during %.0f s of database errors%s",
+            recorded,
+            time.monotonic() - self._failing_since,
+            dropped,
+        )
+        self._dropped = 0
+
+    def _keep(self, polls) -> None:
+        """Keep the newest poll of each device, for at most ``max_unrecorded`` devices."""
+        for item in polls:
+            serial = item[0].serial
+            if serial not in self._unrecorded and len(self._unrecorded) >= self.max_unrecorded:
+                self._dropped += 1
+                if self._dropped == 1:
+                    log.error(
+                        "cannot keep more than %d registrations: the polls of further devices"
+                        " are not recorded until the database can be written",
+                        self.max_unrecorded,
+                    )
+                continue
+            self._unrecorded[serial] = item
 
 
 class PollApp:
@@ -235,8 +352,12 @@ class PollApp:
 
     def _poll(self, request: Request) -> Response:
         poll = protocol.parse_poll(request.body)
-        if self._bind_serial and (denied := self._deny_poll(request, poll)) is not None:
-            return denied
+        refused: frozenset[str] = frozenset()
+        if self._bind_serial:
+            try:
+                refused = self._refused_peripherals(request, poll)
+            except Forbidden as e:
+                return _error(403, protocol.FORBIDDEN, str(e))
         now = self.options.clock()
         fleet = self.fleet()
         endpoint = poll.endpoint
@@ -246,6 +367,10 @@ class PollApp:
         sightings = []
         for device in (endpoint, *poll.peripherals):
             serial, type_, version = device.serial, device.type, device.version
+            if refused and serial in refused:
+                # Another endpoint's: answered on its own, recorded nowhere.
+                answers.append(protocol.NoOffer(serial, type_, protocol.FORBIDDEN))
+                continue
             decision = fleet.decide(DeviceState(serial, type_, version, in_call, tz), now)
             package = decision.package
             if package is not None:
@@ -288,14 +413,14 @@ class PollApp:
             (StatusReport(d.serial, d.type, d.version, d.state, d.detail), now)
             for d in report.devices
         ]
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-
-        def done(error: Exception | None) -> None:
-            loop.call_soon_threadsafe(_settle, future, error)
-
-        self.writer.reports(items, done)
-        error = await future
+        error = await self._store_report(items)
+        if isinstance(error, UnknownDevice):
+            # The device's first poll may wait for the grouped write of another
+            # worker (this worker's polls are written before its reports): once more.
+            await asyncio.sleep(2 * self.options.flush_interval + 0.1)
+            error = await self._store_report(items)
+            if isinstance(error, UnknownDevice):
+                return _error(409, protocol.UNKNOWN_DEVICE, str(error))
         if error is not None:
             return _error(
                 503,
@@ -308,19 +433,26 @@ class PollApp:
             200, [XML], protocol.report_response(), log=f"{first.serial} report {first.state}"
         )
 
+    async def _store_report(self, items: list[tuple[StatusReport, datetime]]) -> Exception | None:
+        """Hand the report to the writer; its error once the transaction is over, or None."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def done(error: Exception | None) -> None:
+            loop.call_soon_threadsafe(_settle, future, error)
+
+        self.writer.reports(items, done)
+        return await future
+
     # Who may speak for a device (--bind-serial) --------------------------------------------
 
-    def _deny_poll(self, request: Request, poll: protocol.Poll) -> Response | None:
-        """403 unless the certificate names the polling endpoint and may claim its peripherals."""
+    def _refused_peripherals(self, request: Request, poll: protocol.Poll) -> frozenset[str]:
+        """The peripherals the certificate may not speak for; Forbidden for the endpoint itself."""
         names = certificate_names(request.peer_cert)
         serial = poll.endpoint.serial
         others = [p.serial for p in poll.peripherals if p.serial not in names]
         parents = registered_parents(self.home.db, others) if others and serial in names else {}
-        try:
-            check_poll(names, serial, [(s, _owner(parents, s)) for s in others])
-        except Forbidden as e:
-            return _error(403, "forbidden", str(e))
-        return None
+        return check_poll(names, serial, [(s, _owner(parents, s)) for s in others])
 
     async def _deny_report(self, request: Request, report: protocol.Report) -> Response | None:
         """403 unless every reported device is the certificate's or one of its peripherals."""
@@ -334,7 +466,7 @@ class PollApp:
                 check_report(names, [(s, _owner(parents, s)) for s in others])
                 return None
             except Forbidden as e:
-                denied = _error(403, "forbidden", str(e))
+                denied = _error(403, protocol.FORBIDDEN, str(e))
             if attempt or all(s in parents for s in others):
                 break
             # A peripheral's first poll may still wait for its grouped write (in this
@@ -367,6 +499,11 @@ def _owner(parents: dict[str, str | None], serial: str) -> str | None:
         return None  # not registered yet: a poll may claim it as its peripheral
     parent = parents[serial]
     return serial if parent is None else parent
+
+
+def _unwritable(error: Exception) -> bool:
+    """The database cannot be written for now (full, read-only, locked), as opposed to a bug."""
+    return isinstance(error, (sqlite3.OperationalError, StorageError))
 
 
 def _one_line(error: BaseException) -> str:

@@ -519,6 +519,30 @@ def test_an_install_that_raises_is_reported_failed_with_its_reason(server, tmp_p
     assert list((tmp_path / "w").iterdir()) == [], "the package is removed after a failed install"
 
 
+def test_a_device_forgotten_during_its_update_polls_and_reports_again(server, tmp_path):
+    publish(server, tmp_path, "Forgot", "2.0", os.urandom(5_000))
+    exchanges: list[Exchange] = []
+
+    async def installer(device, offer, path):
+        # The admin forgets the device while it installs: its "installed" report is
+        # refused (409 unknown-device) until a poll has registered it again.
+        admin(server, "endpoint", "forget", "FORGOT-1")
+
+    endpoint = Endpoint("FORGOT-1", "Forgot", "1.0", workdir=tmp_path / "w", installer=installer)
+    run(endpoint.poll_once(client_for(server, exchanges.append)))
+
+    assert (endpoint.device.status, endpoint.device.version) == ("up-to-date", "2.0")
+    assert [(e.url.rsplit("/", 1)[-1], e.status) for e in exchanges if e.method == "POST"] == [
+        ("poll", 200), ("report", 200), ("report", 200),
+        ("report", 409), ("poll", 200), ("report", 200),
+    ]  # fmt: skip
+    data = shown(server, "FORGOT-1")
+    assert (data["status"], data["version"], data["report_state"]) == (
+        "up-to-date", "2.0", "installed"
+    )  # fmt: skip
+    assert endpoint.polls == 2
+
+
 def test_a_poll_forced_during_a_call_says_so(server, tmp_path):
     publish(server, tmp_path, "ForcedCall", "2.0", b"x" * 100)
     endpoint = Endpoint("FORCED-1", "ForcedCall", "1.0", workdir=tmp_path)

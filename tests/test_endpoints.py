@@ -8,12 +8,16 @@ import pytest
 
 from dynupdate.core.endpoints import (
     HISTORY_LIMIT,
+    Forgotten,
     Sighting,
     StatusReport,
+    UnknownDevice,
+    forget_endpoints,
     get_endpoint,
     list_endpoints,
     overview,
     record_polls,
+    record_report_groups,
     record_reports,
 )
 from dynupdate.core.errors import InvalidInput, NotFound
@@ -129,9 +133,52 @@ def test_failed_for_another_version_is_pending_for_new_target(fleet_home):
     assert status(fleet_home, "A") == "pending"
 
 
-def test_report_from_unknown_device_registers_it(fleet_home):
-    record_reports(fleet_home.db, [(StatusReport("NEW", "GroupSeries", "6.2.2", "installed"), T0)])
-    assert get_endpoint(fleet_home.db, load_fleet_state(fleet_home.db), "NEW")["version"] == "6.2.2"
+def table(home) -> list[tuple]:
+    """Every row of both endpoint tables: what a refused write must leave as it was."""
+    return home.db.execute("SELECT * FROM endpoints ORDER BY serial").fetchall() + (
+        home.db.execute("SELECT * FROM endpoint_history ORDER BY id").fetchall()
+    )
+
+
+def test_a_report_registers_nobody(fleet_home):
+    poll(fleet_home, "KNOWN", "6.2.1")
+    before = table(fleet_home)
+    with pytest.raises(UnknownDevice, match="'NEW'") as refused:
+        record_reports(
+            fleet_home.db, [(StatusReport("NEW", "GroupSeries", "6.2.2", "installed"), T0)]
+        )
+    assert refused.value.serials == ("NEW",)
+    # A known device beside an unknown one: nothing of the report is stored.
+    mixed = [
+        (StatusReport("KNOWN", "GroupSeries", "6.2.2", "installed"), T0),
+        (StatusReport("NEW", "GroupSeries", "6.2.2", "failed", "x" * 2000), T0),
+    ]
+    with pytest.raises(UnknownDevice, match="'NEW'"):
+        record_reports(fleet_home.db, mixed)
+    assert table(fleet_home) == before
+
+
+def test_grouped_reports_are_each_all_or_nothing(fleet_home):
+    poll(fleet_home, "A", "6.2.1")
+    poll(fleet_home, "B", "6.2.1")
+    outcomes = record_report_groups(
+        fleet_home.db,
+        [
+            [(StatusReport("A", "GroupSeries", "6.2.2", "downloading"), T0)],
+            [
+                (StatusReport("B", "GroupSeries", "6.2.2", "downloading"), T0),
+                (StatusReport("GHOST", "GroupSeries", "6.2.2", "downloading"), T0),
+            ],
+            [(StatusReport("B", "GroupSeries", "6.2.2", "installing"), T0)],
+        ],
+    )
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], UnknownDevice) and outcomes[1].serials == ("GHOST",)
+    fleet = load_fleet_state(fleet_home.db)
+    assert get_endpoint(fleet_home.db, fleet, "A")["report_state"] == "downloading"
+    assert get_endpoint(fleet_home.db, fleet, "B")["report_state"] == "installing"
+    events = [h["event"] for h in get_endpoint(fleet_home.db, fleet, "B")["history"]]
+    assert events == ["installing", "first-seen"]  # the refused "downloading" left nothing
 
 
 def test_history_is_bounded_and_not_one_row_per_poll(fleet_home):
@@ -187,3 +234,47 @@ def test_overview_counts_and_spread(fleet_home):
 def test_unknown_serial(fleet_home):
     with pytest.raises(NotFound, match="NOPE"):
         get_endpoint(fleet_home.db, load_fleet_state(fleet_home.db), "NOPE")
+
+
+def test_forget_removes_devices_their_peripherals_and_history(fleet_home):
+    poll(fleet_home, "EP1", "6.2.1")
+    poll(fleet_home, "CAM1", "1.4.0", type_="EagleEyeIV", parent="EP1")
+    poll(fleet_home, "EP2", "6.2.1")
+    poll(fleet_home, "CAM2", "1.4.0", type_="EagleEyeIV", parent="EP2")
+    record_reports(fleet_home.db, [(StatusReport("CAM1", "EagleEyeIV", "1.4.1", "failed"), T0)])
+    assert forget_endpoints(fleet_home.db, ["EP1", "CAM2"]) == Forgotten(("EP1",), ("CAM1", "CAM2"))
+    left = fleet_home.db.execute("SELECT serial FROM endpoints").fetchall()
+    assert left == [("EP2",)]
+    history = fleet_home.db.execute("SELECT DISTINCT serial FROM endpoint_history").fetchall()
+    assert history == [("EP2",)]
+
+
+def test_forget_an_unknown_serial_removes_nothing(fleet_home):
+    poll(fleet_home, "EP1", "6.2.1")
+    poll(fleet_home, "CAM1", "1.4.0", type_="EagleEyeIV", parent="EP1")
+    before = table(fleet_home)
+    with pytest.raises(NotFound, match="'NOPE'"):
+        forget_endpoints(fleet_home.db, ["EP1", "NOPE"])
+    assert table(fleet_home) == before
+    with pytest.raises(InvalidInput):
+        forget_endpoints(fleet_home.db, ["EP1"], stale=timedelta(days=1), now=T0)
+    with pytest.raises(InvalidInput):
+        forget_endpoints(fleet_home.db)
+    assert table(fleet_home) == before
+
+
+def test_forget_stale_counts_polls_and_reports(fleet_home):
+    old = T0 - timedelta(days=10)
+    poll(fleet_home, "SILENT", "6.2.1", at=old)
+    poll(fleet_home, "SILENT-CAM", "1.4.0", type_="EagleEyeIV", parent="SILENT", at=old)
+    poll(fleet_home, "REPORTS", "6.2.1", at=old)  # polled long ago, reported lately
+    record_reports(fleet_home.db, [(StatusReport("REPORTS", "GroupSeries", "6.2.2", "failed"), T0)])
+    poll(fleet_home, "POLLS", "6.2.1", at=T0 - timedelta(days=1))
+    # A peripheral that polled lately goes with its silent endpoint.
+    poll(fleet_home, "OLD-EP", "6.2.1", at=old)
+    poll(fleet_home, "NEW-CAM", "1.4.0", type_="EagleEyeIV", parent="OLD-EP", at=T0)
+    gone = forget_endpoints(fleet_home.db, stale=timedelta(days=7), now=T0)
+    assert gone == Forgotten(("OLD-EP", "SILENT"), ("NEW-CAM", "SILENT-CAM"))
+    left = fleet_home.db.execute("SELECT serial FROM endpoints ORDER BY serial").fetchall()
+    assert left == [("POLLS",), ("REPORTS",)]
+    assert forget_endpoints(fleet_home.db, stale=timedelta(days=7), now=T0) == Forgotten((), ())

@@ -705,6 +705,13 @@ VALUES = [
     pytest.param(
         "/report", report_body(serial="\u0661\u0662"), 200, None, id="report-serial-digits"
     ),
+    pytest.param(
+        "/report",
+        report_body(serial=f"never{EVIL}"),
+        409,
+        "unknown-device",
+        id="report-unknown-markup",
+    ),
 ]
 # Never in an answer: the markup sent, a terminal escape, a C1 control, a bidi override.
 RAW = (b"<evil", b"\x1b", b"\xc2\x85", b"\xc2\x9b", b"\xe2\x80\xae", b"\xe2\x80\x8b")
@@ -712,6 +719,12 @@ RAW = (b"<evil", b"\x1b", b"\xc2\x85", b"\xc2\x9b", b"\xe2\x80\xae", b"\xe2\x80\
 
 @pytest.mark.parametrize(("path", "body", "status", "code"), VALUES)
 def test_hostile_values_are_refused_or_escaped(server, path, body, status, code):
+    if path == "/report" and status == 200:
+        # A report is stored only for a device that has polled (SPEC 3): poll as it first.
+        device = etree.fromstring(body, _SAFE_PARSER)[0]
+        poll = etree.Element("poll", protocol="1")
+        etree.SubElement(poll, "endpoint", dict(device.attrib))
+        assert exchange(server, raw_request("POST", "/poll", etree.tostring(poll))).status == 200
     answer = exchange(server, raw_request("POST", path, body))
     assert answer.status == status, answer.body
     for raw in RAW:

@@ -82,14 +82,21 @@ def _no_server_died(request):
         server.assert_alive()
 
 
-def poll_body(serial: str, *peripherals: str) -> bytes:
+def poll_body(serial: str, *peripherals: str, type_: str = "GroupSeries") -> bytes:
     children = "".join(
         f'<peripheral serial="{p}" type="EagleEyeIV" version="1.4.0"/>' for p in peripherals
     )
     return (
-        f'<poll protocol="1"><endpoint serial="{serial}" type="GroupSeries"'
+        f'<poll protocol="1"><endpoint serial="{serial}" type="{type_}"'
         f' version="6.2.1"/>{children}</poll>'
     ).encode()
+
+
+def answers(answer) -> dict[str, tuple[str, str | None]]:
+    """serial → (update or noUpdate, reason) of a 200 poll answer."""
+    status, root = answer
+    assert (status, root.tag) == (200, "pollResponse"), etree.tostring(root)
+    return {child.get("serial"): (child.tag, child.get("reason")) for child in root}
 
 
 def report_body(*serials: str, state: str = "downloading") -> bytes:
@@ -194,20 +201,82 @@ def test_a_serial_in_a_san_binds_like_the_cn(bound, pki):
     assert registered(bound.home, ALIAS) == (None, "downloading")
 
 
-def test_own_peripherals_are_fine_and_another_endpoints_are_not(bound, pki):
+def row(home: Path, serial: str) -> tuple | None:
+    with contextlib.closing(sqlite3.connect(home / "dynupdate.db")) as db:
+        return db.execute("SELECT * FROM endpoints WHERE serial = ?", (serial,)).fetchone()
+
+
+def test_another_endpoints_peripheral_is_forbidden_on_its_own(bound, pki):
     mine, theirs = pki.endpoint("EP-MINE"), pki.endpoint("EP-THEIRS")
     assert post(bound, mine, "/poll", poll_body("EP-MINE", "CAM-MINE", "MIC-MINE"))[0] == 200
     assert wait_registered(bound.home, "CAM-MINE") == ("EP-MINE", None)
     wait_registered(bound.home, "MIC-MINE")
-    # Polling again with its own peripherals stays fine.
-    assert post(bound, mine, "/poll", poll_body("EP-MINE", "CAM-MINE", "MIC-MINE"))[0] == 200
-    # Another endpoint may not claim them, nor list an endpoint as its peripheral.
-    answer = post(bound, theirs, "/poll", poll_body("EP-THEIRS", "CAM-THEIRS", "CAM-MINE"))
-    assert_forbidden(answer, "CAM-MINE")
-    assert_forbidden(post(bound, theirs, "/poll", poll_body("EP-THEIRS", "EP-MINE")), "EP-MINE")
-    assert post(bound, theirs, "/poll", poll_body("EP-THEIRS", "CAM-THEIRS"))[0] == 200
-    wait_registered(bound.home, "CAM-THEIRS")
-    assert registered(bound.home, "CAM-MINE") == ("EP-MINE", None)  # not moved
+    # Polling again with its own peripherals, and one more, stays fine.
+    body = poll_body("EP-MINE", "CAM-MINE", "MIC-MINE", "MIC2-MINE")
+    assert post(bound, mine, "/poll", body)[0] == 200
+    wait_registered(bound.home, "MIC2-MINE")  # polls are written in order: both are
+    before = row(bound.home, "CAM-MINE"), row(bound.home, "EP-MINE")
+    # Another endpoint may not claim them, nor list an endpoint as its peripheral: those
+    # are answered "forbidden", each on its own; the rest of the poll is answered as usual.
+    body = poll_body("EP-THEIRS", "CAM-THEIRS", "CAM-MINE", "EP-MINE")
+    answer = post(bound, theirs, "/poll", body)
+    assert answers(answer) == {
+        "EP-THEIRS": ("noUpdate", "no-policy"),
+        "CAM-THEIRS": ("noUpdate", "no-policy"),
+        "CAM-MINE": ("noUpdate", "forbidden"),
+        "EP-MINE": ("noUpdate", "forbidden"),
+    }
+    # Written in the same group as CAM-THEIRS: nothing of the forbidden two was recorded.
+    assert wait_registered(bound.home, "CAM-THEIRS") == ("EP-THEIRS", None)
+    assert (row(bound.home, "CAM-MINE"), row(bound.home, "EP-MINE")) == before
+
+
+def test_a_squatted_camera_blocks_neither_its_endpoint_nor_its_update(
+    bound, pki, cli, make_file
+):
+    """Issue 9, item 6: whoever claims a camera first cannot get its endpoint refused."""
+    cli("--home", bound.home, "package", "add", make_file(b"room"), "--type", "Room",
+        "--version", "7.0")  # fmt: skip
+    cli("--home", bound.home, "policy", "set", "Room", "--version", "7.0")
+    squatter, rightful = pki.endpoint("SQUATTER"), pki.endpoint("ROOM-1")
+    # The squatter names ROOM-1's camera as its own before ROOM-1 ever polled.
+    assert post(bound, squatter, "/poll", poll_body("SQUATTER", "ROOM-1-CAM"))[0] == 200
+    assert wait_registered(bound.home, "ROOM-1-CAM") == ("SQUATTER", None)
+
+    answer = post(bound, rightful, "/poll", poll_body("ROOM-1", "ROOM-1-CAM", type_="Room"))
+    assert answers(answer) == {
+        "ROOM-1": ("update", None),  # its own update is offered as without the camera
+        "ROOM-1-CAM": ("noUpdate", "forbidden"),
+    }
+    wait_registered(bound.home, "ROOM-1")
+    assert post(bound, rightful, "/report", report_body("ROOM-1"))[0] == 200
+    assert_forbidden(post(bound, rightful, "/report", report_body("ROOM-1-CAM")), "ROOM-1-CAM")
+    assert registered(bound.home, "ROOM-1-CAM") == ("SQUATTER", None)
+
+    # The admin frees the camera: the next poll of its endpoint claims it.
+    cli("--home", bound.home, "endpoint", "forget", "ROOM-1-CAM")
+    assert registered(bound.home, "ROOM-1-CAM") is None
+    answer = post(bound, rightful, "/poll", poll_body("ROOM-1", "ROOM-1-CAM", type_="Room"))
+    assert answers(answer)["ROOM-1-CAM"] == ("noUpdate", "no-policy")
+    assert wait_registered(bound.home, "ROOM-1-CAM") == ("ROOM-1", None)
+    assert post(bound, rightful, "/report", report_body("ROOM-1-CAM"))[0] == 200
+
+
+def test_an_endpoint_claimed_as_a_peripheral_still_polls_as_itself(bound, pki):
+    # Refusing it would let anyone lock an endpoint out by naming it first.
+    squatter, rightful = pki.endpoint("SQUATTER-2"), pki.endpoint("ROOM-2")
+    assert post(bound, squatter, "/poll", poll_body("SQUATTER-2", "ROOM-2"))[0] == 200
+    assert wait_registered(bound.home, "ROOM-2") == ("SQUATTER-2", None)
+    assert answers(post(bound, rightful, "/poll", poll_body("ROOM-2"))) == {
+        "ROOM-2": ("noUpdate", "no-policy")
+    }
+    deadline = time.monotonic() + 5
+    while registered(bound.home, "ROOM-2") != (None, None):  # its grouped write
+        assert time.monotonic() < deadline, registered(bound.home, "ROOM-2")
+        threading.Event().wait(0.05)
+    answer = post(bound, squatter, "/poll", poll_body("SQUATTER-2", "ROOM-2"))
+    assert answers(answer)["ROOM-2"] == ("noUpdate", "forbidden")
+    assert_forbidden(post(bound, squatter, "/report", report_body("ROOM-2")), "ROOM-2")
 
 
 def test_reports_for_its_own_serial_and_peripherals_only(bound, pki):

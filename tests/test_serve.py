@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
+import sqlite3
 import ssl
 import threading
 import time
@@ -192,6 +194,71 @@ def test_reports_update_status_and_version(server, tmp_path):
     report(server, "R1", "Rep", "2.0", "installed")
     data = endpoint(server, "R1")
     assert data["status"] == "up-to-date" and data["version"] == "2.0"
+
+
+def send_report(server, *devices: tuple[str, str]) -> tuple[int, etree._Element]:
+    """(status, answer root) of a report of (serial, state) devices of type Rep."""
+    detail = "x" * 2000  # the longest a device may send: nothing of it may stay
+    body = "".join(
+        f'<device serial="{serial}" type="Rep" version="2.0" state="{state}" detail="{detail}"/>'
+        for serial, state in devices
+    )
+    body = f'<report protocol="1">{body}</report>'
+    status, headers, data = server.request("POST", "/report", body)
+    assert headers["Content-Type"] == "application/xml"
+    return status, etree.fromstring(data)
+
+
+def stored(server, serial: str) -> tuple[tuple | None, list]:
+    """A device's row (report columns) and its history events, straight from the database."""
+    with contextlib.closing(sqlite3.connect(server.home / "dynupdate.db")) as db:
+        row = db.execute(
+            "SELECT report_state, report_version, last_report FROM endpoints WHERE serial = ?",
+            (serial,),
+        ).fetchone()
+        events = db.execute(
+            "SELECT event FROM endpoint_history WHERE serial = ? ORDER BY id", (serial,)
+        ).fetchall()
+    return row, [e for (e,) in events]
+
+
+def test_a_report_about_a_device_that_never_polled_is_409_and_records_nothing(server):
+    status, root = send_report(server, ("NEVER-1", "failed"))
+    assert (status, root.tag, root.get("code")) == (409, "error", "unknown-device")
+    assert "NEVER-1" in root.get("message")
+    assert stored(server, "NEVER-1") == (None, [])
+    # The fields are checked first: 400, not 409, for an invalid report of an unknown serial.
+    status, root = send_report(server, ("NEVER-2", "exploded"))
+    assert (status, root.get("code")) == (400, "invalid-request")
+    # One unknown device refuses the whole report: the known one's part is not stored either.
+    poll(server, "KNOWN-1", "NoPolicy", "1.0")
+    status, root = send_report(server, ("KNOWN-1", "failed"), ("NEVER-3", "failed"))
+    assert (status, root.get("code")) == (409, "unknown-device")
+    assert "NEVER-3" in root.get("message") and "KNOWN-1" not in root.get("message")
+    assert stored(server, "KNOWN-1") == ((None, None, None), ["first-seen"])
+    assert stored(server, "NEVER-3") == (None, [])
+
+
+def test_a_report_right_after_the_first_poll_is_stored(server):
+    # The poll's grouped write has not happened yet when the report arrives.
+    poll(server, "QUICK-1", "Rep", "1.0", peripherals='<peripheral serial="QUICK-CAM"'
+         ' type="RepCam" version="1"/>')  # fmt: skip
+    status, root = send_report(server, ("QUICK-1", "downloading"), ("QUICK-CAM", "failed"))
+    assert (status, root.tag) == (200, "reportResponse"), etree.tostring(root)
+    assert stored(server, "QUICK-1")[0][0] == "downloading"
+    assert stored(server, "QUICK-CAM")[0][0] == "failed"
+
+
+def test_with_several_workers_a_report_right_after_the_first_poll_is_stored(
+    start_server, tmp_path
+):
+    # Each request on a new connection: the kernel spreads them over both workers, so
+    # a report often reaches the worker that has not written the device's poll.
+    running = start_server(tmp_path / "workers", "--workers", "2", "--no-access-log")
+    for n in range(12):
+        poll(running, f"SPREAD-{n}", "Rep", "1.0")
+        status, root = send_report(running, (f"SPREAD-{n}", "installing"))
+        assert (status, root.tag) == (200, "reportResponse"), etree.tostring(root)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import typer
 from dynupdate.cli._app import home_of, state_of
 from dynupdate.cli._output import emit_list, emit_object, say, stdout
 from dynupdate.core.durations import parse_duration
-from dynupdate.core.endpoints import get_endpoint, list_endpoints
+from dynupdate.core.endpoints import forget_endpoints, get_endpoint, list_endpoints
+from dynupdate.core.errors import InvalidInput
 from dynupdate.core.fleet import load_fleet_state
 from dynupdate.core.rollouts import retry_device
 from dynupdate.core.times import utc_now
@@ -78,6 +79,35 @@ def show(ctx: typer.Context, serial: str = typer.Argument(...), as_json: bool = 
             empty="No history.",
         )
         stdout.print()
+
+
+@app.command("forget")
+def forget(
+    ctx: typer.Context,
+    serials: list[str] | None = typer.Argument(
+        None, metavar="SERIAL...", help="Serials of the devices to remove."
+    ),
+    stale: str | None = typer.Option(
+        None, "--stale", help="Every device with neither a poll nor a report for this long: 90d."
+    ),
+) -> None:
+    """Remove endpoints and their history; their peripherals go with them.
+
+    Example: dynupdate endpoint forget 8211ABC, or dynupdate endpoint forget --stale 90d
+    """
+    if bool(serials) == (stale is not None):
+        raise InvalidInput("Name the serials to forget, or give --stale D, not both.")
+    home = home_of(ctx)
+    if stale is not None:
+        gone = forget_endpoints(home.db, stale=parse_duration(stale), now=utc_now())
+    else:
+        gone = forget_endpoints(home.db, serials)
+    endpoints, peripherals = len(gone.endpoints), len(gone.peripherals)
+    say(
+        f"Forgot {endpoints} endpoint{'' if endpoints == 1 else 's'} and {peripherals}"
+        f" peripheral{'' if peripherals == 1 else 's'}.",
+        quiet=state_of(ctx).quiet,
+    )
 
 
 @app.command("retry")

@@ -14,19 +14,23 @@ from dynupdate.core.db import write
 from dynupdate.core.devices import type_key
 from dynupdate.core.errors import InvalidInput, NotFound
 from dynupdate.core.fleet import STATUSES, FleetState
-from dynupdate.core.times import format_utc
+from dynupdate.core.times import format_utc, utc_now
 from dynupdate.core.versions import same_version, version_key
 from dynupdate.core.waves import bucket
 
 __all__ = [
     "HISTORY_LIMIT",
     "REPORT_STATES",
+    "Forgotten",
     "Sighting",
     "StatusReport",
+    "UnknownDevice",
+    "forget_endpoints",
     "get_endpoint",
     "list_endpoints",
     "overview",
     "record_polls",
+    "record_report_groups",
     "record_reports",
     "registered_parents",
 ]
@@ -35,7 +39,17 @@ HISTORY_LIMIT = 50
 REPORT_STATES = ("downloading", "installing", "installed", "failed")
 
 
-@dataclass(frozen=True)
+class UnknownDevice(NotFound):
+    """A report names a device that has never polled (answered ``409 unknown-device``)."""
+
+    def __init__(self, serials: Sequence[str]) -> None:
+        self.serials = tuple(serials)
+        shown = ", ".join(repr(s[:64]) for s in self.serials[:3])
+        more = f" and {len(self.serials) - 3} more" if len(self.serials) > 3 else ""
+        super().__init__(f"No device {shown}{more} has polled yet: poll, then report again.")
+
+
+@dataclass(frozen=True, slots=True)
 class Sighting:
     """What one poll said about one device (an endpoint or a peripheral)."""
 
@@ -205,27 +219,52 @@ def _record_poll(db: sqlite_utils.Database, s: Sighting, at: str, touched: set[s
 def record_reports(
     db: sqlite_utils.Database, reports: Sequence[tuple[StatusReport, datetime]]
 ) -> None:
-    """Store status reports durably (the caller acknowledges only after this returns)."""
+    """Store one report durably, all or nothing (the caller acknowledges only after this returns).
+
+    Raises :class:`UnknownDevice`, having stored nothing, when a device of the
+    report has never polled: a report registers nobody, so that anyone able to
+    reach the server cannot fill its disk with invented devices.
+    """
+    [refused] = record_report_groups(db, [reports])
+    if refused is not None:
+        raise refused
+
+
+def record_report_groups(
+    db: sqlite_utils.Database, groups: Sequence[Sequence[tuple[StatusReport, datetime]]]
+) -> list[UnknownDevice | None]:
+    """Store several reports in one transaction, each all or nothing; per report, its refusal.
+
+    The check that every device is registered runs in the transaction that
+    writes, so a device forgotten meanwhile cannot slip through.
+    """
+    refusals: list[UnknownDevice | None] = []
     with write(db):
-        for r, when in reports:
-            at = format_utc(when)
-            detail = r.detail if r.state == "failed" else None
-            exists = db.execute("SELECT 1 FROM endpoints WHERE serial = ?", (r.serial,)).fetchone()
-            if exists is None:
-                db.execute(
-                    "INSERT INTO endpoints (serial, type, type_key, version, first_seen)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (r.serial, r.type, type_key(r.type), r.version, at),
-                )
-                _history(db, r.serial, at, "first-seen", r.version)
-            db.execute(
-                "UPDATE endpoints SET last_report = ?, report_state = ?, report_version = ?,"
-                " report_detail = ?, version = CASE WHEN ? THEN ? ELSE version END"
-                " WHERE serial = ?",
-                (at, r.state, r.version, detail, r.state == "installed", r.version, r.serial),
-            )
-            _history(db, r.serial, at, r.state, r.version, r.detail)
-        _prune(db, {r.serial for r, _ in reports})
+        known = registered_parents(db, (r.serial for group in groups for r, _ in group))
+        stored: set[str] = set()
+        for group in groups:
+            serials = dict.fromkeys(r.serial for r, _ in group)
+            unknown = [serial for serial in serials if serial not in known]
+            if unknown:
+                refusals.append(UnknownDevice(unknown))
+                continue
+            for r, when in group:
+                _store_report(db, r, format_utc(when))
+            stored.update(serials)
+            refusals.append(None)
+        _prune(db, stored)
+    return refusals
+
+
+def _store_report(db: sqlite_utils.Database, r: StatusReport, at: str) -> None:
+    detail = r.detail if r.state == "failed" else None
+    db.execute(
+        "UPDATE endpoints SET last_report = ?, report_state = ?, report_version = ?,"
+        " report_detail = ?, version = CASE WHEN ? THEN ? ELSE version END"
+        " WHERE serial = ?",
+        (at, r.state, r.version, detail, r.state == "installed", r.version, r.serial),
+    )
+    _history(db, r.serial, at, r.state, r.version, r.detail)
 
 
 _ENDPOINT_COLUMNS = (
@@ -435,3 +474,80 @@ def _overview_row(name: str, fleet: FleetState, kind) -> dict:
         "counts": dict.fromkeys(STATUSES, 0),
         "_versions": Counter(),
     }
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What :func:`forget_endpoints` removed, by kind (serials sorted)."""
+
+    endpoints: tuple[str, ...]
+    peripherals: tuple[str, ...]
+
+
+def forget_endpoints(
+    db: sqlite_utils.Database,
+    serials: Sequence[str] = (),
+    *,
+    stale: timedelta | None = None,
+    now: datetime | None = None,
+) -> Forgotten:
+    """Remove the named devices, or those silent for ``stale``, with their peripherals and history.
+
+    One transaction: a serial that is not registered refuses the whole call
+    and nothing is removed. A device is stale when neither a poll nor a
+    report came from it for ``stale`` (before ``now``).
+
+    >>> from dynupdate.core.db import connect, migrations
+    >>> db = connect(":memory:"); migrations.apply(db)
+    >>> record_polls(db, [(Sighting("EP", "Trio", "1"), utc_now()),
+    ...                   (Sighting("CAM", "Cam", "1", parent_serial="EP"), utc_now())])
+    >>> forget_endpoints(db, ["EP"])
+    Forgotten(endpoints=('EP',), peripherals=('CAM',))
+    """
+    if bool(serials) == (stale is not None):
+        raise InvalidInput("Name the devices to forget, or a stale duration, not both.")
+    with write(db):
+        if stale is not None:
+            cutoff = format_utc((now or utc_now()) - stale)
+            chosen = dict(
+                db.execute(
+                    "SELECT serial, parent_serial FROM endpoints"
+                    " WHERE coalesce(last_poll, '') < ? AND coalesce(last_report, '') < ?",
+                    (cutoff, cutoff),
+                ).fetchall()
+            )
+        else:
+            wanted = list(dict.fromkeys(serials))
+            chosen = registered_parents(db, wanted)
+            missing = [s for s in wanted if s not in chosen]
+            if missing:
+                shown = ", ".join(repr(s[:64]) for s in missing[:3])
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                raise NotFound(
+                    f"No endpoint with serial {shown}{more}; nothing was forgotten."
+                    " See: dynupdate endpoint list"
+                )
+        removed = dict(chosen)
+        frontier = list(chosen)
+        while frontier:  # peripherals go with their endpoint
+            attached = _attached(db, frontier)
+            frontier = [serial for serial in attached if serial not in removed]
+            removed.update(attached)
+        rows = [(serial,) for serial in removed]
+        db.conn.executemany("DELETE FROM endpoint_history WHERE serial = ?", rows)
+        db.conn.executemany("DELETE FROM endpoints WHERE serial = ?", rows)
+    return Forgotten(
+        endpoints=tuple(sorted(s for s, parent in removed.items() if parent is None)),
+        peripherals=tuple(sorted(s for s, parent in removed.items() if parent is not None)),
+    )
+
+
+def _attached(db: sqlite_utils.Database, parents: Sequence[str]) -> dict[str, str]:
+    """The devices registered under any of ``parents``, each with its parent."""
+    found: dict[str, str] = {}
+    for start in range(0, len(parents), 500):
+        chunk = parents[start : start + 500]
+        marks = ", ".join("?" * len(chunk))
+        query = f"SELECT serial, parent_serial FROM endpoints WHERE parent_serial IN ({marks})"
+        found.update(db.execute(query, chunk).fetchall())
+    return found

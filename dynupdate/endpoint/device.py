@@ -188,6 +188,12 @@ class Endpoint:
         :meth:`run` never calls it during a call; called then anyway, the poll
         says ``in-call="true"``, so the server offers nothing.
         """
+        endpoint, peripherals = self._poll_message()
+        self.polls += 1
+        async with client.session() as link:  # one connection for the poll and what follows
+            return await self._cycle(link, endpoint, peripherals)
+
+    def _poll_message(self) -> tuple[protocol.PollEndpoint, list[protocol.Device]]:
         endpoint = protocol.PollEndpoint(
             self.device.serial,
             self.device.type,
@@ -197,10 +203,7 @@ class Endpoint:
             self.tz,
             in_call=self.in_call,  # run() never polls in a call; a forced poll says so
         )
-        peripherals = [protocol.Device(p.serial, p.type, p.version) for p in self.peripherals]
-        self.polls += 1
-        async with client.session() as link:  # one connection for the poll and what follows
-            return await self._cycle(link, endpoint, peripherals)
+        return endpoint, [protocol.Device(p.serial, p.type, p.version) for p in self.peripherals]
 
     async def _cycle(
         self,
@@ -287,9 +290,18 @@ class Endpoint:
         state: str,
         detail: str | None = None,
     ) -> None:
-        await client.report(
-            [protocol.DeviceReport(device.serial, device.type, version, state, detail)]
-        )
+        reports = [protocol.DeviceReport(device.serial, device.type, version, state, detail)]
+        try:
+            await client.report(reports)
+        except EndpointError as e:
+            if e.kind != "http-409":
+                raise
+            # unknown-device: the server registers devices from polls only, and does
+            # not know this one (forgotten meanwhile, or a restored database). Poll
+            # once to register, then report once more; a second refusal is final.
+            self.polls += 1
+            await client.poll(*self._poll_message())
+            await client.report(reports)
 
     # -- timing ----------------------------------------------------------------------------
 
