@@ -301,7 +301,8 @@ def _serial(element: etree._Element, where: str) -> str:
 
 def _device(element: etree._Element, where: str) -> Device:
     return Device(
-        _serial(element, where), _required(element, where, "type"),
+        _serial(element, where),
+        _required(element, where, "type"),
         _required(element, where, "version"),
     )
 
@@ -484,8 +485,7 @@ def format_time(dt: datetime) -> str:
     if dt.tzinfo is not None:
         dt = dt.astimezone(UTC)
     return (
-        f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}"
-        f"T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}Z"
+        f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}Z"
     )
 
 
@@ -525,11 +525,19 @@ serial="A1" type="Trio" reason="in-call"/></pollResponse>
         _local.response_second = second
     for answer in answers:
         if isinstance(answer, Offer):
-            update = etree.SubElement(root, "update", {
-                "serial": answer.serial, "type": answer.type, "version": answer.version,
-                "size": str(int(answer.size)), "sha256": answer.sha256, "name": answer.name,
-                "url": answer.url,
-            })
+            update = etree.SubElement(
+                root,
+                "update",
+                {
+                    "serial": answer.serial,
+                    "type": answer.type,
+                    "version": answer.version,
+                    "size": str(int(answer.size)),
+                    "sha256": answer.sha256,
+                    "name": answer.name,
+                    "url": answer.url,
+                },
+            )
             if answer.activation_key is not None:
                 update.set("activationKey", answer.activation_key)
         else:

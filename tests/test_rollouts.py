@@ -6,7 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from dynupdate.core import rollouts
+from dynupdate.core import attempts, rollout_records, rollouts, trial
+from dynupdate.core.attempts import Seen
 from dynupdate.core.audit import list_entries, verify
 from dynupdate.core.db import write
 from dynupdate.core.endpoints import Sighting, record_polls
@@ -14,7 +15,6 @@ from dynupdate.core.errors import Conflict, NotFound
 from dynupdate.core.gates import RolloutOptions
 from dynupdate.core.packages import add_package, get_package, list_packages, remove_package
 from dynupdate.core.policies import disable_policy, get_policy, set_policy
-from dynupdate.core.rollouts import Seen
 from dynupdate.core.waves import bucket, parse_waves
 
 T0 = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
@@ -57,13 +57,13 @@ def start(home, *, now=T0, **options):
 
 
 def summary(home, now=T0):
-    (only,) = rollouts.rollout_views(home.db, TYPE, now=now)
+    (only,) = rollout_records.rollout_views(home.db, TYPE, now=now)
     return only.to_dict()
 
 
 def note(home, rollout, seen, now):
     with write(home.db):
-        return rollouts.note_devices(home.db, rollout.id, seen, now)
+        return attempts.note_devices(home.db, rollout.id, seen, now)
 
 
 # Start -----------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def test_a_wave_passes_on_its_own_evidence_after_its_soak(gs):
     register(gs, first + serials_in(1000, 10000, 5, "L"))
     rollout = start(gs, waves=parse_waves("10%,100%"))
     for serial in first:
-        assert rollouts.reserve_attempt(gs.db, rollout.id, serial, None, now=T0) is None
+        assert attempts.reserve_attempt(gs.db, rollout.id, serial, None, now=T0) is None
     assert summary(gs)["gate"] == {
         "outcomes": 0,
         "needed": 3,
@@ -214,7 +214,7 @@ def test_failures_halt_in_the_transaction_that_records_them(gs):
     register(gs, first)
     rollout = start(gs, max_failures=2)
     for serial in first:
-        rollouts.reserve_attempt(gs.db, rollout.id, serial, None, now=T0)
+        attempts.reserve_attempt(gs.db, rollout.id, serial, None, now=T0)
     assert note(gs, rollout, [Seen(first[0], "6.2.2", "failed", "disk full")], T0) is None
     reason = note(gs, rollout, [Seen(first[1], "6.2.2", "failed", "boot loop")], T0)
     assert reason == "2 failed devices reached --max-failures 2"
@@ -232,7 +232,7 @@ def test_a_revert_fails_a_verified_success(gs):
     (serial,) = serials_in(0, 100, 1)
     register(gs, [serial])
     rollout = start(gs)
-    rollouts.reserve_attempt(gs.db, rollout.id, serial, None, now=T0)
+    attempts.reserve_attempt(gs.db, rollout.id, serial, None, now=T0)
     note(gs, rollout, [Seen(serial, "6.2.2")], T0)
     assert summary(gs)["succeeded"] == 1
     note(gs, rollout, [Seen(serial, "6.2.1")], T0)
@@ -246,7 +246,7 @@ def test_an_installed_report_alone_does_not_verify(gs):
     (serial,) = serials_in(0, 100, 1)
     register(gs, [serial])
     rollout = start(gs)
-    rollouts.reserve_attempt(gs.db, rollout.id, serial, None, now=T0)
+    attempts.reserve_attempt(gs.db, rollout.id, serial, None, now=T0)
     note(gs, rollout, [Seen(serial, "6.2.2", "installed")], T0)
     assert summary(gs)["succeeded"] == 0
     note(gs, rollout, [Seen(serial, "6.2.1")], T0)  # came back on the old version
@@ -257,7 +257,7 @@ def test_install_timeout_fails_an_attempt_not_counting_pauses(gs):
     (serial,) = serials_in(0, 100, 1)
     register(gs, [serial])
     rollout = start(gs, install_timeout=timedelta(hours=2))
-    rollouts.reserve_attempt(gs.db, rollout.id, serial, None, now=T0)
+    attempts.reserve_attempt(gs.db, rollout.id, serial, None, now=T0)
     rollouts.pause_rollout(gs.db, TYPE, now=T0 + timedelta(hours=1))
     rollouts.resume_rollout(gs.db, TYPE, now=T0 + timedelta(hours=5))
     # open 5h30m, of which 4h paused: 1h30m counts
@@ -270,16 +270,16 @@ def test_max_in_flight_and_max_per_hour_are_never_exceeded(gs):
     devices = serials_in(0, 100, 6)
     register(gs, devices)
     rollout = start(gs, max_in_flight=2, max_per_hour=3)
-    answers = [rollouts.reserve_attempt(gs.db, rollout.id, s, None, now=T0) for s in devices[:3]]
+    answers = [attempts.reserve_attempt(gs.db, rollout.id, s, None, now=T0) for s in devices[:3]]
     assert answers[:2] == [None, None]
     assert answers[2] == T0 + timedelta(hours=2)  # the oldest in flight times out then
     # an open attempt keeps its slot: the same device gets V again
-    assert rollouts.reserve_attempt(gs.db, rollout.id, devices[0], None, now=T0) is None
+    assert attempts.reserve_attempt(gs.db, rollout.id, devices[0], None, now=T0) is None
     note(gs, rollout, [Seen(devices[0], "6.2.2"), Seen(devices[1], "6.2.2")], T0)
     at = T0 + timedelta(minutes=5)
-    assert rollouts.reserve_attempt(gs.db, rollout.id, devices[2], None, now=at) is None
+    assert attempts.reserve_attempt(gs.db, rollout.id, devices[2], None, now=at) is None
     # three attempts opened within the hour: the fourth waits for the first to age out
-    assert rollouts.reserve_attempt(gs.db, rollout.id, devices[3], None, now=at) == (
+    assert attempts.reserve_attempt(gs.db, rollout.id, devices[3], None, now=at) == (
         T0 + timedelta(hours=1)
     )
 
@@ -289,17 +289,17 @@ def test_held_after_max_attempts_and_retry(gs):
     register(gs, [serial])
     rollout = start(gs, max_attempts=2, max_failures=10)
     for _ in range(2):
-        rollouts.reserve_attempt(gs.db, rollout.id, serial, None, now=T0)
+        attempts.reserve_attempt(gs.db, rollout.id, serial, None, now=T0)
         note(gs, rollout, [Seen(serial, "6.2.2", "failed", "no")], T0)
-    assert rollouts.device_standing(gs.db, rollout.id, serial) == (True, True, False)
+    assert attempts.device_standing(gs.db, rollout.id, serial) == (True, True, False)
     assert summary(gs)["held"] == 1
-    rollouts.retry_device(gs.db, serial)
-    assert rollouts.device_standing(gs.db, rollout.id, serial)[1] is False
+    attempts.retry_device(gs.db, serial)
+    assert attempts.device_standing(gs.db, rollout.id, serial)[1] is False
     assert list_entries(gs.db)[0].action == "endpoint.retry"
     with pytest.raises(Conflict, match="is not held"):
-        rollouts.retry_device(gs.db, serial)
+        attempts.retry_device(gs.db, serial)
     with pytest.raises(NotFound, match="No endpoint 'nope'"):
-        rollouts.retry_device(gs.db, "nope")
+        attempts.retry_device(gs.db, "nope")
 
 
 def test_devices_offered_v_before_the_start_count_as_offered(gs):
@@ -320,15 +320,15 @@ def test_trial_wave_admits_the_trial_devices_and_their_peripherals(gs):
     endpoint = serials_in(9000, 10000, 1)[0]
     register(gs, [endpoint])
     register(gs, ["CAM-1"], parent=endpoint)
-    assert rollouts.add_trial(gs.db, [endpoint, "NOT-YET"]) == [endpoint, "NOT-YET"]
-    assert rollouts.add_trial(gs.db, [endpoint]) == []  # already one: no change, no entry
-    listed = {t["serial"]: t["type"] for t in rollouts.list_trial(gs.db)}
+    assert trial.add_trial(gs.db, [endpoint, "NOT-YET"]) == [endpoint, "NOT-YET"]
+    assert trial.add_trial(gs.db, [endpoint]) == []  # already one: no change, no entry
+    listed = {t["serial"]: t["type"] for t in trial.list_trial(gs.db)}
     assert listed == {endpoint: TYPE, "NOT-YET": None}
     plan = rollouts.plan_rollout(gs.db, TYPE, "6.2.2", RolloutOptions(parse_waves("trial,100%")))
     assert plan.waves == [{"wave": "trial", "devices": 2}, {"wave": "100%", "devices": 2}]
     with pytest.raises(NotFound, match="'X' is not a trial device"):
-        rollouts.remove_trial(gs.db, [endpoint, "X"])
-    assert {t["serial"] for t in rollouts.list_trial(gs.db)} == {endpoint, "NOT-YET"}
+        trial.remove_trial(gs.db, [endpoint, "X"])
+    assert {t["serial"] for t in trial.list_trial(gs.db)} == {endpoint, "NOT-YET"}
 
 
 def test_the_dry_run_counts_known_devices_per_wave_and_changes_nothing(gs):
@@ -338,6 +338,6 @@ def test_the_dry_run_counts_known_devices_per_wave_and_changes_nothing(gs):
     before = len(list_entries(gs.db))
     plan = rollouts.plan_rollout(gs.db, TYPE, "6.2.2")
     assert [w["devices"] for w in plan.waves] == [2, 5, 5, 9]
-    assert rollouts.active_rollout(gs.db, TYPE) is None
+    assert rollout_records.active_rollout(gs.db, TYPE) is None
     assert len(list_entries(gs.db)) == before
     assert [p.version for p in list_packages(gs.db, TYPE)] == ["6.2.1", "6.2.2"]

@@ -6,11 +6,11 @@ import typer
 
 from dynupdate.cli._app import home_of, state_of
 from dynupdate.cli._output import emit_list, emit_object, say, stdout
+from dynupdate.core.attempts import retry_device
 from dynupdate.core.durations import parse_duration
 from dynupdate.core.endpoints import forget_endpoints, get_endpoint, list_endpoints
 from dynupdate.core.errors import InvalidInput
 from dynupdate.core.fleet import load_fleet_state
-from dynupdate.core.rollouts import retry_device
 from dynupdate.core.times import utc_now
 
 app = typer.Typer(help="Endpoints and peripherals: version, target, update status, history.")

@@ -16,7 +16,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from dynupdate.cli import rollout as rollout_cli
+import dynupdate.cli.rollout as rollout_cli
 from dynupdate.cli._app import home_of, state_of
 from dynupdate.cli._output import emit_list, emit_object, say, stderr, visible
 from dynupdate.core.gates import RolloutOptions
@@ -27,7 +27,8 @@ from dynupdate.core.packages import (
     list_packages,
     remove_package,
 )
-from dynupdate.core.rollouts import Rollout, add_and_start
+from dynupdate.core.rollout_records import Rollout
+from dynupdate.core.rollouts import add_and_start
 
 app = typer.Typer(help="Software packages: one image per device type and version.")
 

@@ -13,10 +13,10 @@ from rich.text import Text
 
 from dynupdate.cli._app import home_of, state_of
 from dynupdate.cli._output import emit_list, emit_object, literal, say, stderr, stdout
-from dynupdate.core import rollouts
+from dynupdate.core import rollout_records, rollouts
 from dynupdate.core.durations import format_duration, parse_duration
 from dynupdate.core.gates import RolloutOptions
-from dynupdate.core.rollouts import RolloutSummary
+from dynupdate.core.rollout_records import RolloutSummary
 from dynupdate.core.times import format_utc
 
 app = typer.Typer(help="Staged rollouts: a new version wave by wave, halting by itself.")
@@ -138,7 +138,7 @@ def start(
     rollout = rollouts.start_rollout(home.db, type_, version, options)
     warn(options)
     if as_json:
-        emit_object(rollouts.rollout_views(home.db, rollout.type)[0].to_dict(), as_json=True)
+        emit_object(rollout_records.rollout_views(home.db, rollout.type)[0].to_dict(), as_json=True)
     say(
         f"Rollout of {rollout.type} {rollout.version} started (stable "
         f"{rollout.stable_version or 'none'}): wave 1 of {len(rollout.waves)} "
@@ -193,7 +193,7 @@ def list_(
     as_json: bool = JSON,
 ) -> None:
     """Every rollout, newest first."""
-    rows = [_row(s) for s in rollouts.list_rollouts(home_of(ctx).db, type_)]
+    rows = [_row(s) for s in rollout_records.list_rollouts(home_of(ctx).db, type_)]
     if as_json:
         emit_list([s for s in (_json(r) for r in rows)], [], as_json=True)
         return
@@ -215,16 +215,18 @@ def status(
     """Active rollouts and the latest of each type, with the gate in words."""
     home = home_of(ctx)
     if as_json:
-        emit_list([s.to_dict() for s in rollouts.rollout_views(home.db, type_)], [], as_json=True)
+        emit_list(
+            [s.to_dict() for s in rollout_records.rollout_views(home.db, type_)], [], as_json=True
+        )
         return
     if not watch:
-        rows = [_row(s) for s in rollouts.rollout_views(home.db, type_)]
+        rows = [_row(s) for s in rollout_records.rollout_views(home.db, type_)]
         emit_list(rows, COLUMNS, as_json=False, empty="No rollouts yet.")
         return
     period = parse_duration(interval).total_seconds()
 
     def view() -> Group:
-        return _live_view(home.db, rollouts.rollout_views(home.db, type_))
+        return _live_view(home.db, rollout_records.rollout_views(home.db, type_))
 
     with Live(view(), console=stdout, auto_refresh=False) as live:
         while True:
@@ -256,7 +258,7 @@ def _live_view(db: Any, summaries: list[RolloutSummary]) -> Group:
         table = Table(show_header=True, header_style="bold", box=None)
         for header in ("Wave", "", "Progress (own devices on target)"):
             table.add_column(header)
-        for index, wave in enumerate(rollouts.wave_progress(db, rollout), 1):
+        for index, wave in enumerate(rollout_records.wave_progress(db, rollout), 1):
             mark = "▶" if index == rollout.wave and rollout.state.active else (
                 "✓" if wave["open"] else " "
             )  # fmt: skip
@@ -274,7 +276,7 @@ def _live_view(db: Any, summaries: list[RolloutSummary]) -> Group:
         )
         if state == "halted":
             parts.append(literal(f"Halted: {data['halt_reason']}", "bold red"))
-            for failure in rollouts.failures(db, rollout):
+            for failure in rollout_records.failures(db, rollout):
                 parts.append(
                     literal(
                         f"  {failure['serial']}  {failure['failed_at']}  {failure['detail']}", "red"

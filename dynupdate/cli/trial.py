@@ -6,7 +6,7 @@ import typer
 
 from dynupdate.cli._app import home_of, state_of
 from dynupdate.cli._output import emit_list, say
-from dynupdate.core.rollouts import add_trial, list_trial, remove_trial
+from dynupdate.core.trial import add_trial, list_trial, remove_trial
 
 app = typer.Typer(help="Trial devices: in every wave of every rollout, and alone in 'trial'.")
 

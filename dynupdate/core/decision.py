@@ -146,11 +146,11 @@ def decide(
     >>> device = DeviceState("8211ABC", "GroupSeries", "6.2.1")
     >>> decide(policy, [gs], None, device, now).package.version
     '6.2.2'
-    >>> decide(None, [gs], None, device, now).reason
-    'no-policy'
+    >>> print(decide(None, [gs], None, device, now).reason)
+    no-policy
     >>> in_a_call = DeviceState("8211ABC", "GroupSeries", "6.2.1", in_call=True)
-    >>> decide(policy, [gs], None, in_a_call, now).reason
-    'in-call'
+    >>> print(decide(policy, [gs], None, in_a_call, now).reason)
+    in-call
     """
     return decide_for_target(policy, target_package(policy, packages), window, device, now)
 

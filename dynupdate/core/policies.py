@@ -12,7 +12,7 @@ from dynupdate.core.decision import Policy, target_package
 from dynupdate.core.devices import type_key, validate_type
 from dynupdate.core.errors import InvalidInput, NotFound
 from dynupdate.core.packages import Package, find_package, list_packages
-from dynupdate.core.rollouts import refuse_during_rollout
+from dynupdate.core.rollout_records import refuse_during_rollout
 from dynupdate.core.times import format_utc, utc_now
 
 __all__ = [

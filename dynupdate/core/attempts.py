@@ -1,0 +1,320 @@
+"""Each device's attempts at a rollout's version: opened, verified, failed, held.
+
+The server opens an attempt with :func:`reserve_attempt` (within
+``--max-in-flight`` and ``--max-per-hour``), and records what polls and reports
+say of it with :func:`note_devices`, in the transaction that records them, so a
+failure that meets a halt rule halts there. :func:`time_out` fails attempts
+that ran past ``--install-timeout``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import sqlite_utils
+
+from dynupdate.core import audit
+from dynupdate.core.audit import Action
+from dynupdate.core.db import write
+from dynupdate.core.errors import Conflict, NotFound
+from dynupdate.core.gates import (
+    halt_reason,
+)
+from dynupdate.core.rollout_records import (
+    ACTIVE_SQL,
+    Rollout,
+    in_flight_sql,
+    load_rollout,
+    options_from_json,
+    parse_time,
+    utc_text,
+)
+from dynupdate.core.times import utc_now
+from dynupdate.core.trial import trial_serials
+from dynupdate.core.versions import same_version, version_key
+from dynupdate.core.vocabulary import RolloutState
+from dynupdate.core.waves import bucket, parse_waves
+
+__all__ = [
+    "Seen",
+    "device_standing",
+    "fail_attempt",
+    "halt_if_failing",
+    "note_devices",
+    "open_attempt",
+    "reserve_attempt",
+    "retry_device",
+    "time_out",
+]
+
+
+def open_attempt(
+    db: sqlite_utils.Database,
+    rollout_id: int,
+    serial: str,
+    parent: str | None,
+    trial: frozenset[str],
+    stamp: str,
+    stopped: float,
+) -> None:
+    """Open an attempt for a device (its row made on its first)."""
+    lead = parent or serial
+    db.execute(
+        "INSERT INTO rollout_devices (rollout_id, serial, bucket, trial, offered_at, attempts,"
+        " open_at, open_stopped) VALUES (?, ?, ?, ?, ?, 1, ?, ?)"
+        " ON CONFLICT (rollout_id, serial) DO UPDATE SET attempts = attempts + 1,"
+        " open_at = excluded.open_at, open_stopped = excluded.open_stopped,"
+        " offered_at = coalesce(offered_at, excluded.offered_at)",
+        (rollout_id, serial, bucket(lead), int(serial in trial or lead in trial), stamp, stamp,
+         stopped),
+    )  # fmt: skip
+    db.execute(
+        "INSERT INTO rollout_attempts (rollout_id, serial, opened_at) VALUES (?, ?, ?)",
+        (rollout_id, serial, stamp),
+    )
+
+
+def time_out(db: sqlite_utils.Database, rollout: Rollout, now: datetime) -> list[str]:
+    """Attempts open longer than --install-timeout (pauses not counted) have failed."""
+    if rollout.state != RolloutState.RUNNING:
+        return []  # the clock stands while paused or halted
+    deadline = in_flight_sql(rollout, now)
+    serials = [
+        row[0]
+        for row in db.execute(
+            f"SELECT serial FROM rollout_devices WHERE rollout_id = ? AND open_at IS NOT NULL"
+            f" AND NOT {deadline}",
+            (rollout.id,),
+        )
+    ]
+    for serial in serials:
+        fail_attempt(db, rollout, serial, "timed out", now)
+    return [f"{rollout.type} {rollout.version}: {serial} timed out" for serial in serials]
+
+
+def fail_attempt(
+    db: sqlite_utils.Database, rollout: Rollout, serial: str, detail: str, now: datetime
+) -> None:
+    stamp = utc_text(now)
+    db.execute(
+        "UPDATE rollout_devices SET failures = failures + 1, open_at = NULL, open_stopped = NULL,"
+        " succeeded_at = NULL, installed_at = NULL, failed_at = ?, detail = ?"
+        " WHERE rollout_id = ? AND serial = ?",
+        (stamp, detail, rollout.id, serial),
+    )
+    db.execute(
+        "UPDATE rollout_attempts SET ended_at = ?, outcome = 'failed', detail = ?"
+        " WHERE id = (SELECT max(id) FROM rollout_attempts WHERE rollout_id = ? AND serial = ?)",
+        (stamp, detail, rollout.id, serial),
+    )
+
+
+def halt_if_failing(db: sqlite_utils.Database, rollout: Rollout, now: datetime) -> str | None:
+    """Halt a running or paused rollout whose failures meet a halt rule; the reason, or None."""
+    if rollout.state not in (RolloutState.RUNNING, RolloutState.PAUSED):
+        return None
+    since = utc_text(rollout.resumed_at) if rollout.resumed_at else ""
+    failed, succeeded = db.execute(
+        "SELECT sum(failures > 0 AND succeeded_at IS NULL AND failed_at > ?),"
+        " sum(succeeded_at > ?) FROM rollout_devices WHERE rollout_id = ?",
+        (since, since, rollout.id),
+    ).fetchone()
+    failed, succeeded = failed or 0, succeeded or 0
+    reason = halt_reason(rollout.options, failed=failed, outcomes=failed + succeeded)
+    if reason is None:
+        return None
+    stopped = rollout.stopped_at or now
+    db.execute(
+        "UPDATE rollouts SET state = 'halted', halt_reason = ?, stopped_at = ? WHERE id = ?",
+        (reason, utc_text(stopped), rollout.id),
+    )
+    audit.append(
+        db,
+        audit.SERVER,
+        Action.ROLLOUT_HALTED,
+        rollout.type,
+        {"id": rollout.id, "version": rollout.version, "reason": reason, "wave": rollout.wave},
+    )
+    return reason
+
+
+# What the server does with attempts ------------------------------------------------------
+
+
+def reserve_attempt(
+    db: sqlite_utils.Database,
+    rollout_id: int,
+    serial: str,
+    parent: str | None,
+    *,
+    now: datetime | None = None,
+) -> datetime | None:
+    """Open an attempt for an offer of V, within the limits; or the ``retryAt`` when full.
+
+    Runs in its own write transaction: the limits are read and the slot taken
+    under one lock, so no number of workers can exceed ``--max-in-flight`` or
+    ``--max-per-hour``. An attempt already open is kept (None: offer V again).
+    """
+    now = now or utc_now()
+    with write(db):
+        rollout = load_rollout(db, rollout_id)
+        row = db.execute(
+            "SELECT open_at FROM rollout_devices WHERE rollout_id = ? AND serial = ?",
+            (rollout_id, serial),
+        ).fetchone()
+        if row is not None and row[0] is not None:
+            return None
+        retry = _limited_until(db, rollout, now)
+        if retry is not None:
+            return retry
+        open_attempt(db, rollout_id, serial, parent, trial_serials(db), utc_text(now),
+              rollout.stopped_total(now))  # fmt: skip
+        return None
+
+
+def _limited_until(db: sqlite_utils.Database, rollout: Rollout, now: datetime) -> datetime | None:
+    """When a slot is expected to free if a new attempt would exceed a limit; else None."""
+    options = rollout.options
+    waits: list[datetime] = []
+    if options.max_in_flight is not None:
+        deadline = in_flight_sql(rollout, now)
+        opened = [
+            parse_time(row[0])
+            for row in db.execute(
+                f"SELECT open_at FROM rollout_devices WHERE rollout_id = ?"
+                f" AND open_at IS NOT NULL AND {deadline} ORDER BY open_at",
+                (rollout.id,),
+            )
+        ]
+        if len(opened) >= options.max_in_flight:
+            # At the latest, the oldest attempt in flight times out.
+            waits.append(opened[0] + options.install_timeout)
+    if options.max_per_hour is not None:
+        hour_ago = now - timedelta(hours=1)
+        recent = [
+            parse_time(row[0])
+            for row in db.execute(
+                "SELECT opened_at FROM rollout_attempts WHERE rollout_id = ? AND opened_at > ?"
+                " ORDER BY opened_at",
+                (rollout.id, utc_text(hour_ago)),
+            )
+        ]
+        if len(recent) >= options.max_per_hour:
+            waits.append(recent[len(recent) - options.max_per_hour] + timedelta(hours=1))
+    return max(waits) if waits else None
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What a poll or a report says of a device in a rollout (see :func:`note_devices`)."""
+
+    serial: str
+    version: str
+    state: str | None = None  # a report's state; None for a poll
+    detail: str | None = None
+
+
+def note_devices(
+    db: sqlite_utils.Database, rollout_id: int, seen: Sequence[Seen], now: datetime
+) -> str | None:
+    """Record what polls and reports say of attempts, then apply the halt rules.
+
+    Inside the caller's write transaction (the one recording the polls or the
+    report), so a failure that meets a halt rule halts in the transaction that
+    records it. Returns the halt reason when this halted the rollout.
+    """
+    if not db.conn.in_transaction:
+        raise RuntimeError("note_devices needs the write transaction of the polls or report")
+    rollout = load_rollout(db, rollout_id)
+    target = version_key(rollout.version)
+    stamp = utc_text(now)
+    failed = False
+    for item in seen:
+        row = db.execute(
+            "SELECT attempts, open_at, installed_at, succeeded_at FROM rollout_devices"
+            " WHERE rollout_id = ? AND serial = ?",
+            (rollout_id, item.serial),
+        ).fetchone()
+        if row is None or not row[0]:
+            continue  # never offered V in this rollout: nothing to verify
+        _attempts, open_at, installed_at, succeeded_at = row
+        newer = version_key(item.version) >= target
+        if item.state is None:  # a poll: the device says what it runs
+            if newer and succeeded_at is None:
+                _succeed(db, rollout_id, item.serial, stamp)
+            elif not newer and (succeeded_at is not None or installed_at is not None):
+                fail_attempt(db, rollout, item.serial, f"reverted to {item.version}", now)
+                failed = True
+        elif open_at is not None and same_version(item.version, rollout.version):
+            if item.state == "failed":
+                fail_attempt(db, rollout, item.serial, item.detail or "failed", now)
+                failed = True
+            elif item.state == "installed":
+                db.execute(
+                    "UPDATE rollout_devices SET installed_at = ? WHERE rollout_id = ?"
+                    " AND serial = ?",
+                    (stamp, rollout_id, item.serial),
+                )
+    return halt_if_failing(db, rollout, now) if failed else None
+
+
+def _succeed(db: sqlite_utils.Database, rollout_id: int, serial: str, stamp: str) -> None:
+    db.execute(
+        "UPDATE rollout_devices SET succeeded_at = ?, open_at = NULL, open_stopped = NULL"
+        " WHERE rollout_id = ? AND serial = ?",
+        (stamp, rollout_id, serial),
+    )
+    db.execute(
+        "UPDATE rollout_attempts SET ended_at = ?, outcome = 'succeeded'"
+        " WHERE id = (SELECT max(id) FROM rollout_attempts WHERE rollout_id = ? AND serial = ?)"
+        " AND ended_at IS NULL",
+        (stamp, rollout_id, serial),
+    )
+
+
+def retry_device(db: sqlite_utils.Database, serial: str, *, actor: str | None = None) -> None:
+    """Give a held device fresh attempts (its count starts again at 0)."""
+    with write(db):
+        row = db.execute(
+            "SELECT d.rollout_id, r.type, d.failures, r.options, r.waves FROM rollout_devices d"
+            f" JOIN rollouts r ON r.id = d.rollout_id WHERE d.serial = ? AND r.{ACTIVE_SQL}"
+            " AND d.open_at IS NULL AND d.succeeded_at IS NULL",
+            (serial,),
+        ).fetchone()
+        held = (
+            row is not None
+            and row[2] >= options_from_json(row[3], parse_waves(json.loads(row[4]))).max_attempts
+        )
+        if not held:
+            known = db.execute("SELECT 1 FROM endpoints WHERE serial = ?", (serial,)).fetchone()
+            if not known:
+                raise NotFound(f"No endpoint {serial!r}. See: dynupdate endpoint list")
+            raise Conflict(f"{serial} is not held: endpoint retry is only for held devices.")
+        db.execute(
+            "UPDATE rollout_devices SET failures = 0, attempts = 0 WHERE rollout_id = ?"
+            " AND serial = ?",
+            (row[0], serial),
+        )
+        audit.append(db, actor, Action.ENDPOINT_RETRY, None, {"serial": serial,
+                                                               "rollout": row[0]})  # fmt: skip
+
+
+def device_standing(
+    db: sqlite_utils.Database, rollout_id: int, serial: str
+) -> tuple[bool, bool, bool]:
+    """(attempted, held, attempt_open) of a device in a rollout, read in one indexed lookup."""
+    row = db.execute(
+        "SELECT d.attempts, d.failures, d.open_at, d.succeeded_at, r.options, r.waves"
+        " FROM rollout_devices d JOIN rollouts r ON r.id = d.rollout_id"
+        " WHERE d.rollout_id = ? AND d.serial = ?",
+        (rollout_id, serial),
+    ).fetchone()
+    if row is None:
+        return False, False, False
+    attempts, failures, open_at, succeeded_at, options, waves = row
+    limit = options_from_json(options, parse_waves(json.loads(waves))).max_attempts
+    held = failures >= limit and open_at is None and succeeded_at is None
+    return attempts > 0 or failures > 0, held, open_at is not None
