@@ -220,13 +220,22 @@ def test_verify_names_a_row_whose_hash_was_recomputed_by_its_successor(cli, make
     _verify_fails_at(cli, 4)
 
 
+def test_verify_names_a_row_made_unreadable(cli, make_file, home_dir):
+    _some_changes(cli, make_file)
+    conn = _raw(home_dir)
+    _drop_triggers(conn)
+    conn.execute("UPDATE audit_log SET actor = CAST(x'ff' AS TEXT) WHERE id = 2")
+    conn.close()
+    assert "not UTF-8" in _verify_fails_at(cli, 2)
+
+
 def test_verify_names_a_removed_row(cli, make_file, home_dir):
     _some_changes(cli, make_file)
     conn = _raw(home_dir)
     _drop_triggers(conn)
     conn.execute("DELETE FROM audit_log WHERE id = 3")
     conn.close()
-    assert "missing" in _verify_fails_at(cli, 3)
+    assert "entry 3 is missing" in _verify_fails_at(cli, 3)
 
 
 def test_verify_names_an_inserted_row(cli, make_file, home_dir):
