@@ -316,3 +316,9 @@ def test_canonical_content_is_sorted_compact_json(home):
         f'"prev":"{audit.ZERO}","time":"{entry.time}","type":null}}'
     )
     assert entry.sha256 == hashlib.sha256(expected.encode()).hexdigest()
+
+
+def test_doctests():
+    import doctest
+
+    assert doctest.testmod(audit).failed == 0
