@@ -101,6 +101,17 @@ def test_every_cli_change_appends_one_entry_and_nothing_else_does(cli, make_file
     assert entries[0]["detail"] == {"serial": "8211ABC", "version": "6.2.2"}
 
 
+def test_an_empty_log(cli):
+    assert cli.json("log") == []
+    assert "No entries" in cli("log").stderr
+    verified = cli("log", "--verify")
+    assert verified.stdout == "" and "intact: 0 entries" in verified.stderr
+    assert cli.json("log", "--verify") == {
+        "intact": True, "entries": 0, "first_bad_id": None, "problem": None,
+        "newest_sha256": None,
+    }  # fmt: skip
+
+
 def test_json_keys_and_types(cli, make_file):
     cli("package", "add", make_file(b"x"), "--type", "Trio", "--version", "7.1")
     [entry] = cli.json("log")
