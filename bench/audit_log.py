@@ -118,8 +118,8 @@ def timed(fn: Callable[[], object], repeat: int) -> list[float]:
 
 
 def show(label: str, times: list[float]) -> None:
-    runs = ", ".join(f"{t:.3f}" for t in times)
-    print(f"{label:<46} median {statistics.median(times):8.3f} s   runs: {runs}")
+    runs = ", ".join(f"{t * 1000:.2f}" for t in times)
+    print(f"{label:<50} median {statistics.median(times) * 1000:9.2f} ms   runs: {runs}")
 
 
 def command(home: Path, *args: str) -> Callable[[], str]:
