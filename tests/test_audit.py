@@ -333,3 +333,23 @@ def test_doctests():
     import doctest
 
     assert doctest.testmod(audit).failed == 0
+
+
+def test_restoring_a_backup_from_before_the_audit_log_starts_its_chain(
+    cli, make_file, tmp_path, monkeypatch
+):
+    cli("package", "add", make_file(b"old"), "--type", "Trio", "--version", "7.1")
+    cli("backup", tmp_path / "b")
+    old = sqlite3.connect(tmp_path / "b" / DB_NAME, isolation_level=None)
+    old.execute("DROP TABLE audit_log")
+    old.execute("DROP TABLE activation_keys")
+    old.execute(
+        "DELETE FROM _sqlite_migrations WHERE name IN ('0003_audit_log', '0004_activation_keys')"
+    )
+    old.close()
+    monkeypatch.setenv("DYNUPDATE_HOME", str(tmp_path / "restored"))
+    cli("restore", tmp_path / "b")
+    [entry] = _log(cli)
+    assert entry["action"] == "restore" and entry["id"] == 1 and entry["prev"] == audit.ZERO
+    cli("log", "--verify")
+    assert [p["version"] for p in cli.json("package", "list")] == ["7.1"]
