@@ -30,7 +30,7 @@ SUMMARY_ITEMS = 3  # pairs shown of a long list (a key import names thousands)
 def _local(time: str) -> str:
     moment = parse_utc(time)
     assert moment is not None
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def _value(value: Any) -> str:
