@@ -247,7 +247,8 @@ def list_entries(
     since: datetime | None = None,
 ) -> list[Entry]:
     """Entries newest first: of one device type (any case), at or after ``since``."""
-    where, params = [], []
+    where: list[str] = []
+    params: list[str | int | None] = []
     if type_ is not None:
         # Types are ASCII (validate_type), where NOCASE and casefold agree.
         where.append("type = ? COLLATE NOCASE")
