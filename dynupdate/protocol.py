@@ -461,6 +461,7 @@ class Offer:
     sha256: str
     name: str
     url: str
+    activation_key: str | None = None  # the device's key for this version (SPEC section 7)
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,11 +525,13 @@ serial="A1" type="Trio" reason="in-call"/></pollResponse>
         _local.response_second = second
     for answer in answers:
         if isinstance(answer, Offer):
-            etree.SubElement(root, "update", {
+            update = etree.SubElement(root, "update", {
                 "serial": answer.serial, "type": answer.type, "version": answer.version,
                 "size": str(int(answer.size)), "sha256": answer.sha256, "name": answer.name,
                 "url": answer.url,
             })
+            if answer.activation_key is not None:
+                update.set("activationKey", answer.activation_key)
         else:
             attributes = {"serial": answer.serial, "type": answer.type, "reason": answer.reason}
             if answer.retry_at is not None:

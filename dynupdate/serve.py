@@ -36,6 +36,7 @@ from dynupdate.core.endpoints import (
 from dynupdate.core.errors import StorageError
 from dynupdate.core.fleet import FleetCache, FleetState
 from dynupdate.core.home import Home
+from dynupdate.core.keys import key_for
 from dynupdate.core.store import is_sha256
 from dynupdate.core.times import utc_now
 from dynupdate.httpd import Request, Response, file_response
@@ -374,10 +375,12 @@ class PollApp:
             package = decision.package
             if package is not None:
                 url = self._package_url(request, package.sha256)
+                # Offers are rare next to polls: one indexed read, only for them.
+                key = key_for(self.home.db, serial, package.version)
                 answers.append(
                     protocol.Offer(
                         serial, type_, package.version, package.size, package.sha256,
-                        package.name, url,
+                        package.name, url, key,
                     )
                 )  # fmt: skip
                 offered = package.version

@@ -6,6 +6,8 @@ from dynupdate.cli import (
     backup,
     endpoint,
     integrity,
+    key,
+    log,
     overview,
     package,
     policy,
@@ -21,12 +23,14 @@ app.add_typer(package.app, name="package")
 app.add_typer(policy.app, name="policy")
 app.add_typer(window.app, name="window")
 app.add_typer(endpoint.app, name="endpoint")
+app.add_typer(key.app, name="key")
 app.command("overview")(overview.overview)
 app.command("serve")(serve.serve)
 app.command("simulate")(simulate.simulate)
 app.command("check")(integrity.check)
 app.command("backup")(backup.backup)
 app.command("restore")(backup.restore)
+app.command("log")(log.log)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import sqlite3
 from pathlib import Path
 
 from dynupdate import __version__
+from dynupdate.core import audit
 from dynupdate.core.db import DB_NAME
 from dynupdate.core.errors import Conflict, InvalidInput, StorageError
 from dynupdate.core.home import Home
@@ -77,7 +78,9 @@ def backup_home(home: Home, dest: Path) -> dict:
     return manifest
 
 
-def restore_home(source: Path, home_path: Path, *, force: bool = False) -> dict:
+def restore_home(
+    source: Path, home_path: Path, *, force: bool = False, actor: str | None = None
+) -> dict:
     """Replace the home's database and store with a verified backup (server stopped)."""
     manifest_path = source / MANIFEST
     if not manifest_path.is_file():
@@ -114,6 +117,13 @@ def restore_home(source: Path, home_path: Path, *, force: bool = False) -> dict:
     staged = home_path / (DB_NAME + ".restoring")
     shutil.copyfile(db_copy, staged)
     os.chmod(staged, 0o600)
+    audit.append_to_file(
+        staged,
+        actor,
+        audit.Action.RESTORE,
+        None,
+        {"source": str(source.absolute()), "backup": manifest},
+    )
     for suffix in ("-wal", "-shm"):
         (home_path / (DB_NAME + suffix)).unlink(missing_ok=True)
     os.replace(staged, home_path / DB_NAME)

@@ -118,6 +118,47 @@ def _m0002(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations(name="0003_audit_log")
+def _m0003(db: sqlite_utils.Database) -> None:
+    # id is the position in the log, from 1 (dynupdate.core.audit assigns it);
+    # detail is a JSON object; prev and sha256 chain the entries.
+    db.executescript(
+        """
+        CREATE TABLE audit_log (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            type TEXT,
+            detail TEXT NOT NULL,
+            prev TEXT NOT NULL,
+            sha256 TEXT NOT NULL
+        );
+        CREATE INDEX audit_log_type ON audit_log (type COLLATE NOCASE, id);
+        CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only: entries cannot be changed'); END;
+        CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only: entries cannot be deleted'); END;
+        """
+    )
+
+
+@migrations(name="0004_activation_keys")
+def _m0004(db: sqlite_utils.Database) -> None:
+    # Keyed by serial first: a poll offering an update looks up that serial's keys.
+    db.executescript(
+        """
+        CREATE TABLE activation_keys (
+            serial TEXT NOT NULL,
+            version TEXT NOT NULL,
+            key TEXT NOT NULL,
+            imported TEXT NOT NULL,
+            PRIMARY KEY (serial, version)
+        ) WITHOUT ROWID;
+        """
+    )
+
+
 def connect(path: Path | str) -> sqlite_utils.Database:
     """Open the database file with the pragmas every connection needs."""
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)

@@ -8,7 +8,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dynupdate.core.db import write
+from dynupdate.core import audit
+from dynupdate.core.db import DB_NAME, write
 from dynupdate.core.home import Home
 from dynupdate.core.store import CHUNK_SIZE, is_sha256
 
@@ -17,7 +18,8 @@ __all__ = ["Finding", "Report", "check_home", "file_sha256"]
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str  # database, missing-file, wrong-size, wrong-sha256, orphan-file, stale-temp, stray
+    # database, audit-log, missing-file, wrong-size, wrong-sha256, orphan-file, stale-temp, stray
+    kind: str
     path: str
     detail: str
     repairable: bool
@@ -66,6 +68,10 @@ def check_home(home: Home, *, repair: bool = False, hash_files: bool = True) -> 
     if problems != ["ok"]:
         for problem in problems:
             report.findings.append(Finding("database", str(home.path), problem, False))
+    chain = audit.verify(home.db)
+    if not chain.intact:
+        detail = f"entry {chain.first_bad}: {chain.problem}; see: dynupdate log --verify"
+        report.findings.append(Finding("audit-log", str(home.path / DB_NAME), detail, False))
     rows = home.db.execute("SELECT type, version, sha256, size FROM packages").fetchall()
     referenced = {sha for _, _, sha, _ in rows}
     report.packages_checked = len(rows)

@@ -6,6 +6,7 @@ import json
 
 import sqlite_utils
 
+from dynupdate.core import audit
 from dynupdate.core.db import write
 from dynupdate.core.times import format_utc, utc_now
 from dynupdate.core.windows import Window
@@ -25,9 +26,11 @@ def load_window(db: sqlite_utils.Database) -> Window | None:
     )
 
 
-def save_window(db: sqlite_utils.Database, window: Window) -> Window:
+def save_window(db: sqlite_utils.Database, window: Window, *, actor: str | None = None) -> Window:
+    """Store the window; the same window again appends nothing to the audit log."""
     data = window.to_dict()
     with write(db):
+        before = load_window(db)
         db.execute(
             "INSERT INTO maintenance_window (id, days, start, duration_minutes, tz, updated)"
             " VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET days = excluded.days,"
@@ -41,10 +44,20 @@ def save_window(db: sqlite_utils.Database, window: Window) -> Window:
                 format_utc(utc_now()),
             ),
         )
+        previous = before.to_dict() if before is not None else None
+        if previous != data:
+            detail = {**data, "previous": previous}
+            audit.append(db, actor, audit.Action.WINDOW_SET, None, detail)
     return window
 
 
-def clear_window(db: sqlite_utils.Database) -> bool:
+def clear_window(db: sqlite_utils.Database, *, actor: str | None = None) -> bool:
     """Remove the window; returns whether there was one."""
     with write(db):
-        return db.execute("DELETE FROM maintenance_window WHERE id = 1").rowcount > 0
+        before = load_window(db)
+        if before is None:
+            return False
+        db.execute("DELETE FROM maintenance_window WHERE id = 1")
+        detail = {"previous": before.to_dict()}
+        audit.append(db, actor, audit.Action.WINDOW_CLEAR, None, detail)
+        return True

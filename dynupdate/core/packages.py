@@ -9,6 +9,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from dynupdate.core import audit
 from dynupdate.core.db import write
 from dynupdate.core.decision import Policy, target_package
 from dynupdate.core.devices import type_key, validate_type
@@ -101,11 +102,14 @@ def add_package(
     version: str,
     description: str | None = None,
     progress: Callable[[int], None] | None = None,
+    *,
+    actor: str | None = None,
 ) -> tuple[Package, bool]:
     """Import ``source`` as the package of ``type_`` at ``version``.
 
     Returns the package and whether it was new. The identical file again is a
-    no-op; a different file for an existing type and version is refused.
+    no-op (and appends nothing to the audit log); a different file for an
+    existing type and version is refused. ``actor``: see :func:`audit.append`.
     """
     validate_type(type_)
     validate_version(version)
@@ -149,6 +153,13 @@ def add_package(
                     package.uploaded,
                 ),
             )
+            detail = {
+                "version": package.version,
+                "sha256": package.sha256,
+                "size": package.size,
+                "name": package.name,
+            }
+            audit.append(db, actor, audit.Action.PACKAGE_ADD, package.type, detail)
         return package, True
 
 
@@ -167,7 +178,12 @@ def _forget_if_unused(db: sqlite_utils.Database, store: PackageStore, sha256: st
 
 
 def remove_package(
-    db: sqlite_utils.Database, store: PackageStore, type_: str, version: str
+    db: sqlite_utils.Database,
+    store: PackageStore,
+    type_: str,
+    version: str,
+    *,
+    actor: str | None = None,
 ) -> Package:
     """Remove a package; refused while a policy needs it (its version to use or target)."""
     with write(db):
@@ -191,6 +207,8 @@ def remove_package(
             "DELETE FROM packages WHERE type_key = ? AND version = ?",
             (type_key(package.type), package.version),
         )
+        detail = {"version": package.version, "sha256": package.sha256}
+        audit.append(db, actor, audit.Action.PACKAGE_REMOVE, package.type, detail)
     # The file goes only after the DELETE is durable: a kill in between leaves an
     # orphan file (which `check --repair` removes), never a row without its file.
     # The check and the unlink share a write transaction, so an import of the

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
+from dynupdate.core import audit
 from dynupdate.core.db import write
 from dynupdate.core.decision import Policy, target_package
 from dynupdate.core.devices import type_key, validate_type
@@ -91,11 +92,17 @@ def get_policy(db: sqlite_utils.Database, type_: str) -> PolicyView:
 
 
 def set_policy(
-    db: sqlite_utils.Database, type_: str, version: str, allow_newer: bool | None = None
+    db: sqlite_utils.Database,
+    type_: str,
+    version: str,
+    allow_newer: bool | None = None,
+    *,
+    actor: str | None = None,
 ) -> PolicyView:
     """Set the version to use (an uploaded package of the type) and, if given, allow-newer.
 
-    ``allow_newer=None`` keeps the current flag (off for a new policy).
+    ``allow_newer=None`` keeps the current flag (off for a new policy). Setting
+    what is already set changes nothing and appends nothing to the audit log.
     """
     validate_type(type_)
     with write(db):
@@ -122,16 +129,30 @@ def set_policy(
                 format_utc(utc_now()),
             ),
         )
+        before = (current.version_to_use, current.allow_newer) if current else (None, None)
+        if before != (package.version, allow_newer):
+            detail = {
+                "version_to_use": package.version,
+                "allow_newer": allow_newer,
+                "previous_version_to_use": before[0],
+                "previous_allow_newer": before[1],
+            }
+            audit.append(db, actor, audit.Action.POLICY_SET, package.type, detail)
     return get_policy(db, type_)
 
 
-def disable_policy(db: sqlite_utils.Database, type_: str) -> PolicyView:
+def disable_policy(
+    db: sqlite_utils.Database, type_: str, *, actor: str | None = None
+) -> PolicyView:
     """Unset the version to use: the update is not activated (allow-newer is kept)."""
     with write(db):
         view = get_policy(db, type_)
-        db.execute(
+        changed = db.execute(
             "UPDATE policies SET version_to_use = NULL, updated = ? WHERE type_key = ?"
             " AND version_to_use IS NOT NULL",
             (format_utc(utc_now()), type_key(type_)),
-        )
+        ).rowcount
+        if changed:
+            detail = {"previous_version_to_use": view.version_to_use}
+            audit.append(db, actor, audit.Action.POLICY_DISABLE, view.type, detail)
     return PolicyView(view.type, None, view.allow_newer, None, view.packages)
