@@ -34,6 +34,7 @@ It installs nothing: see bench/README.md for the Debian packages.
 
     .venv/bin/python bench/poll_server.py                              # 1,000 endpoints
     .venv/bin/python bench/poll_server.py --endpoints 1000,1000000 --seconds 10
+    .venv/bin/python bench/poll_server.py --keys 100000     # every update offer carries a key
 """
 
 from __future__ import annotations
@@ -301,6 +302,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16, help="ab concurrency")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx reference")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--keys",
+        type=int,
+        default=0,
+        help="activation keys imported first (serials EP00000000…, the offered version)",
+    )
     args = parser.parse_args()
     sizes = [int(n.replace("_", "")) for n in args.endpoints.split(",")]
     for tool in ("wrk", "ab", *(() if args.no_nginx else ("nginx",))):
@@ -328,6 +335,8 @@ def main() -> None:
             home = workdir / f"home-{size}"
             set_up_policies(home, workdir)
             took = fill_endpoints(home / "dynupdate.db", size)
+            if args.keys:
+                import_keys(home, workdir, args.keys)
             stride = max(1, size // POOL)
             env = {"POLL_POOL": str(POOL), "POLL_STRIDE": str(stride)}
             print(f"\n== {size:,} endpoints in the database (filled in {took:.1f} s); "
@@ -354,6 +363,16 @@ def main() -> None:
             print(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def import_keys(home: Path, workdir: Path, count: int) -> None:
+    """Keys for the first ``count`` serials at the offered version: every offer carries one."""
+    path = workdir / "keys.csv"
+    rows = "".join(f"EP{i:08d},{TARGET},KEY-{i:08d}-4f1c9a7e2b\n" for i in range(count))
+    path.write_text("serial,version,key\n" + rows)
+    command = [sys.executable, "-m", "dynupdate", "--home", str(home), "key", "import", str(path)]
+    subprocess.run(command, check=True, capture_output=True)
+    print(f"{count:,} activation keys imported")
 
 
 def _recorded(home: Path) -> int:

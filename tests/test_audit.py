@@ -101,6 +101,17 @@ def test_every_cli_change_appends_one_entry_and_nothing_else_does(cli, make_file
     assert entries[0]["detail"] == {"serial": "8211ABC", "version": "6.2.2"}
 
 
+def test_an_empty_log(cli):
+    assert cli.json("log") == []
+    assert "No entries" in cli("log").stderr
+    verified = cli("log", "--verify")
+    assert verified.stdout == "" and "intact: 0 entries" in verified.stderr
+    assert cli.json("log", "--verify") == {
+        "intact": True, "entries": 0, "first_bad_id": None, "problem": None,
+        "newest_sha256": None,
+    }  # fmt: skip
+
+
 def test_json_keys_and_types(cli, make_file):
     cli("package", "add", make_file(b"x"), "--type", "Trio", "--version", "7.1")
     [entry] = cli.json("log")
@@ -220,13 +231,22 @@ def test_verify_names_a_row_whose_hash_was_recomputed_by_its_successor(cli, make
     _verify_fails_at(cli, 4)
 
 
+def test_verify_names_a_row_made_unreadable(cli, make_file, home_dir):
+    _some_changes(cli, make_file)
+    conn = _raw(home_dir)
+    _drop_triggers(conn)
+    conn.execute("UPDATE audit_log SET actor = CAST(x'ff' AS TEXT) WHERE id = 2")
+    conn.close()
+    assert "not UTF-8" in _verify_fails_at(cli, 2)
+
+
 def test_verify_names_a_removed_row(cli, make_file, home_dir):
     _some_changes(cli, make_file)
     conn = _raw(home_dir)
     _drop_triggers(conn)
     conn.execute("DELETE FROM audit_log WHERE id = 3")
     conn.close()
-    assert "missing" in _verify_fails_at(cli, 3)
+    assert "entry 3 is missing" in _verify_fails_at(cli, 3)
 
 
 def test_verify_names_an_inserted_row(cli, make_file, home_dir):
@@ -307,3 +327,29 @@ def test_canonical_content_is_sorted_compact_json(home):
         f'"prev":"{audit.ZERO}","time":"{entry.time}","type":null}}'
     )
     assert entry.sha256 == hashlib.sha256(expected.encode()).hexdigest()
+
+
+def test_doctests():
+    import doctest
+
+    assert doctest.testmod(audit).failed == 0
+
+
+def test_restoring_a_backup_from_before_the_audit_log_starts_its_chain(
+    cli, make_file, tmp_path, monkeypatch
+):
+    cli("package", "add", make_file(b"old"), "--type", "Trio", "--version", "7.1")
+    cli("backup", tmp_path / "b")
+    old = sqlite3.connect(tmp_path / "b" / DB_NAME, isolation_level=None)
+    old.execute("DROP TABLE audit_log")
+    old.execute("DROP TABLE activation_keys")
+    old.execute(
+        "DELETE FROM _sqlite_migrations WHERE name IN ('0003_audit_log', '0004_activation_keys')"
+    )
+    old.close()
+    monkeypatch.setenv("DYNUPDATE_HOME", str(tmp_path / "restored"))
+    cli("restore", tmp_path / "b")
+    [entry] = _log(cli)
+    assert entry["action"] == "restore" and entry["id"] == 1 and entry["prev"] == audit.ZERO
+    cli("log", "--verify")
+    assert [p["version"] for p in cli.json("package", "list")] == ["7.1"]

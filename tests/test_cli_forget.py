@@ -67,3 +67,27 @@ def test_a_refused_forget_is_one_line_and_removes_nothing(cli, fleet, args, name
     assert named in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.output
     assert serials(cli) == before
+
+
+def test_forget_is_in_the_audit_log_and_a_refusal_is_not(cli, home_dir):
+    from dynupdate.core.endpoints import Sighting, record_polls
+    from dynupdate.core.home import open_home
+    from dynupdate.core.times import utc_now
+
+    home = open_home(home_dir)
+    try:
+        record_polls(
+            home.db,
+            [
+                (Sighting("EP-1", "Trio", "1"), utc_now()),
+                (Sighting("CAM-1", "Cam", "1", parent_serial="EP-1"), utc_now()),
+            ],
+        )
+    finally:
+        home.close()
+    cli("endpoint", "forget", "EP-1", "NOPE", code=1)
+    assert cli.json("log") == []
+    cli("endpoint", "forget", "EP-1")
+    (entry,) = cli.json("log")
+    assert (entry["action"], entry["type"]) == ("endpoint.forget", None)
+    assert entry["detail"] == {"endpoints": ["EP-1"], "peripherals": ["CAM-1"], "stale": None}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import re
 import resource
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from dynupdate.core.audit import verify
 from dynupdate.core.db import DB_NAME
 from dynupdate.core.home import open_home
 from dynupdate.core.packages import add_package
@@ -302,3 +304,95 @@ def test_a_start_racing_the_beginning_of_an_import_does_not_fail_it(
     finally:
         opened.close()
     assert created and package.size == len(b"package bytes")
+
+
+CHANGE_TRIALS = 16
+KEYS_PER_FILE = 30_000
+
+
+def _import_command(home: Path, keys: Path) -> list[str]:
+    return [sys.executable, "-m", "dynupdate", "--home", str(home), "key", "import", str(keys)]
+
+
+def _keys_file(folder: Path, trial: int) -> Path:
+    """Keys for the same devices in every file, each file's own: every import replaces them all."""
+    path = folder / f"keys-{trial}.csv"
+    rows = "".join(f"S{n:05d},1.0,K{n}-{trial}\n" for n in range(KEYS_PER_FILE))
+    path.write_text("serial,version,key\n" + rows)
+    return path
+
+
+def _change_and_entry(home: Path) -> tuple[int | None, int | None]:
+    """(the trial whose keys the table holds, the trial the newest key.import entry names)."""
+    conn = sqlite3.connect(home / DB_NAME)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        suffixes = {
+            key.rsplit("-", 1)[1] for (key,) in conn.execute("SELECT key FROM activation_keys")
+        }
+        count = conn.execute("SELECT count(*) FROM activation_keys").fetchone()[0]
+        entry = conn.execute(
+            "SELECT detail FROM audit_log WHERE action = 'key.import' ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+    finally:
+        conn.close()
+    assert len(suffixes) <= 1, f"keys of several imports at once: {suffixes}"
+    assert count in (0, KEYS_PER_FILE), f"a half import: {count} keys"
+    held = int(suffixes.pop()) if suffixes else None
+    named = None
+    if entry is not None:
+        named = int(re.fullmatch(r"keys-(\d+)\.csv", json.loads(entry[0])["file"]).group(1))
+    return held, named
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_change_keeps_the_change_and_its_audit_entry_together(tmp_path: Path):
+    # Key imports of 30,000 keys: a transaction long enough for kills to land inside it.
+    home = tmp_path / "home"
+    open_home(home).close()
+    files = [_keys_file(tmp_path, trial) for trial in range(CHANGE_TRIALS + 1)]
+    start = time.monotonic()
+    done = subprocess.run(_import_command(home, files[0]), env=_env(), capture_output=True)
+    full = time.monotonic() - start
+    assert done.returncode == 0, done.stderr.decode()
+    assert _change_and_entry(home) == (0, 0)
+    outcomes: Counter[str] = Counter()
+    for trial in range(1, CHANGE_TRIALS + 1):
+        before = _change_and_entry(home)
+        proc = subprocess.Popen(
+            _import_command(home, files[trial]), env=_env(), stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        # Spread over the run, mostly past the start-up, a little past its usual end.
+        delay = full * (0.4 + 0.8 * trial / CHANGE_TRIALS)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate()
+        assert proc.returncode in (0, -signal.SIGKILL), err.decode()
+        held, named = _change_and_entry(home)
+        # Both or neither: the keys held are those the newest entry names.
+        assert held == named, f"trial {trial}: keys of import {held}, entry of import {named}"
+        if proc.returncode == 0:
+            assert held == trial
+            outcomes["completed"] += 1
+        elif (held, named) == before:
+            outcomes["killed, neither"] += 1
+        else:
+            assert held == trial
+            outcomes["killed, both"] += 1
+        opened = open_home(home)
+        try:
+            assert verify(opened.db).intact
+        finally:
+            opened.close()
+    summary = f"{dict(outcomes)} (one import {full:.2f}s)"
+    print(summary)
+    assert outcomes["killed, neither"] >= 1, summary
+    assert outcomes["completed"] + outcomes["killed, both"] >= 1, summary
+    verified = subprocess.run(
+        [sys.executable, "-m", "dynupdate", "--home", str(home), "log", "--verify"],
+        env=_env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import sqlite_utils
 import typer
 
 from dynupdate.cli._app import home_of, state_of
@@ -29,7 +30,7 @@ SUMMARY_ITEMS = 3  # pairs shown of a long list (a key import names thousands)
 def _local(time: str) -> str:
     moment = parse_utc(time)
     assert moment is not None
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def _value(value: Any) -> str:
@@ -114,7 +115,7 @@ def log(
     )
 
 
-def _verify(db: Any, as_json: bool, *, quiet: bool) -> None:
+def _verify(db: sqlite_utils.Database, as_json: bool, *, quiet: bool) -> None:
     result = verify(db)
     if as_json:
         emit_object(result.to_dict(), as_json=True)
@@ -122,10 +123,8 @@ def _verify(db: Any, as_json: bool, *, quiet: bool) -> None:
         # The hash on stdout alone, for scripts to keep; the words on stderr.
         if result.newest_sha256:
             stdout.print(result.newest_sha256, markup=False, highlight=False)
-        say(
-            f"Audit log intact: {result.entries} entries, the newest is #{result.entries}.",
-            quiet=quiet,
-        )
+        newest = f", the newest is #{result.entries} (its SHA-256 above)" if result.entries else ""
+        say(f"Audit log intact: {result.entries} entries{newest}.", quiet=quiet)
     else:
         message = f"Audit log broken at entry {result.first_bad}: {result.problem}."
         stderr.print(message, markup=False, highlight=False)

@@ -118,7 +118,11 @@ def restore_home(
     shutil.copyfile(db_copy, staged)
     os.chmod(staged, 0o600)
     audit.append_to_file(
-        staged, actor, audit.Action.RESTORE, None, {"source": str(source), "backup": manifest}
+        staged,
+        actor,
+        audit.Action.RESTORE,
+        None,
+        {"source": str(source.absolute()), "backup": manifest},
     )
     for suffix in ("-wal", "-shm"):
         (home_path / (DB_NAME + suffix)).unlink(missing_ok=True)

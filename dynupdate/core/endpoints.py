@@ -10,8 +10,10 @@ from datetime import datetime, timedelta
 
 import sqlite_utils
 
+from dynupdate.core import audit
 from dynupdate.core.db import write
 from dynupdate.core.devices import type_key
+from dynupdate.core.durations import format_duration
 from dynupdate.core.errors import InvalidInput, NotFound
 from dynupdate.core.fleet import STATUSES, FleetState
 from dynupdate.core.times import format_utc, utc_now
@@ -490,12 +492,14 @@ def forget_endpoints(
     *,
     stale: timedelta | None = None,
     now: datetime | None = None,
+    actor: str | None = None,
 ) -> Forgotten:
     """Remove the named devices, or those silent for ``stale``, with their peripherals and history.
 
     One transaction: a serial that is not registered refuses the whole call
     and nothing is removed. A device is stale when neither a poll nor a
-    report came from it for ``stale`` (before ``now``).
+    report came from it for ``stale`` (before ``now``). What is removed is one
+    ``endpoint.forget`` entry of the audit log (``actor``: see :func:`audit.append`).
 
     >>> from dynupdate.core.db import connect, migrations
     >>> db = connect(":memory:"); migrations.apply(db)
@@ -536,10 +540,18 @@ def forget_endpoints(
         rows = [(serial,) for serial in removed]
         db.conn.executemany("DELETE FROM endpoint_history WHERE serial = ?", rows)
         db.conn.executemany("DELETE FROM endpoints WHERE serial = ?", rows)
-    return Forgotten(
-        endpoints=tuple(sorted(s for s, parent in removed.items() if parent is None)),
-        peripherals=tuple(sorted(s for s, parent in removed.items() if parent is not None)),
-    )
+        forgotten = Forgotten(
+            endpoints=tuple(sorted(s for s, parent in removed.items() if parent is None)),
+            peripherals=tuple(sorted(s for s, parent in removed.items() if parent is not None)),
+        )
+        if removed:
+            detail = {
+                "endpoints": list(forgotten.endpoints),
+                "peripherals": list(forgotten.peripherals),
+                "stale": format_duration(stale) if stale is not None else None,
+            }
+            audit.append(db, actor, audit.Action.ENDPOINT_FORGET, None, detail)
+    return forgotten
 
 
 def _attached(db: sqlite_utils.Database, parents: Sequence[str]) -> dict[str, str]:
