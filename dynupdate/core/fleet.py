@@ -21,6 +21,7 @@ from dynupdate.core.decision import (
     Decision,
     DeviceState,
     Policy,
+    RolloutView,
     decide_for_target,
     status_for_target,
     target_package,
@@ -29,10 +30,13 @@ from dynupdate.core.devices import type_key
 from dynupdate.core.maintenance import load_window
 from dynupdate.core.packages import Package, list_packages
 from dynupdate.core.policies import load_policies
+from dynupdate.core.rollout_records import ACTIVE_SQL, COLUMNS, rollout_from_row
+from dynupdate.core.trial import trial_serials
 from dynupdate.core.windows import Window
 
 __all__ = [
     "STATUSES",
+    "ActiveRollout",
     "FleetCache",
     "FleetState",
     "TypeState",
@@ -44,10 +48,21 @@ STATUSES = ("no-policy", "up-to-date", "pending", "in-progress", "failed")
 
 
 @dataclass(frozen=True)
+class ActiveRollout:
+    """What polls need of a type's running, paused or halted rollout."""
+
+    id: int
+    view: RolloutView
+    max_attempts: int
+    limited: bool  # --max-in-flight or --max-per-hour: offers reserve a slot first
+
+
+@dataclass(frozen=True)
 class TypeState:
     policy: Policy | None
     packages: tuple[Package, ...]
     target: Package | None
+    rollout: ActiveRollout | None = None
 
 
 _NO_TYPE = TypeState(None, (), None)
@@ -58,6 +73,7 @@ class FleetState:
     generation: int
     types: dict[str, TypeState]
     window: Window | None
+    trial: frozenset[str] = frozenset()  # trial devices' serials (section 6)
 
     def of(self, type_: str) -> TypeState:
         return self.types.get(type_key(type_), _NO_TYPE)
@@ -88,14 +104,32 @@ def load_fleet_state(db: sqlite_utils.Database) -> FleetState:
         for package in list_packages(db):
             by_type.setdefault(type_key(package.type), []).append(package)
         window = load_window(db)
+        active = [
+            rollout_from_row(row)
+            for row in db.execute(f"SELECT {COLUMNS} FROM rollouts WHERE {ACTIVE_SQL}")
+        ]
+        trial = trial_serials(db)
     finally:
         db.conn.execute("COMMIT")
+    rollouts = {type_key(r.type): r for r in active}
     types = {}
-    for key in set(policies) | set(by_type):
+    for key in set(policies) | set(by_type) | set(rollouts):
         policy = policies.get(key)
         packages = tuple(by_type.get(key, ()))
-        types[key] = TypeState(policy, packages, target_package(policy, packages))
-    return FleetState(generation, types, window)
+        rollout = rollouts.get(key)
+        running = None
+        if rollout is not None:
+            version = next(p for p in packages if p.version == rollout.version)
+            stable = next((p for p in packages if p.version == rollout.stable_version), None)
+            options = rollout.options
+            running = ActiveRollout(
+                rollout.id,
+                rollout.view(version, stable),
+                options.max_attempts,
+                options.max_in_flight is not None or options.max_per_hour is not None,
+            )
+        types[key] = TypeState(policy, packages, target_package(policy, packages), running)
+    return FleetState(generation, types, window, trial)
 
 
 class FleetCache:
