@@ -78,6 +78,12 @@ LINGER_QUIET = 0.25
 LINGER_MAX = 2.0
 CLOSE_GRACE = 1.0  # seconds a connection closed for a timeout or an error gets to go
 _SLICE = 4096  # big reads are parsed in slices this long (see _feed)
+# Requests parsed ahead of the one being answered (pipelining). Past this the
+# connection stops reading, and stops parsing what it has read: a client that
+# pipelines without reading its answers holds at most this many requests and
+# one write buffer of answers, never what it manages to send.
+MAX_QUEUED = 32
+MAX_HOST = 255  # a longer Host is no host name: 400 (package URLs are built from it)
 _READ_BUFFER = 64 * 1024
 
 ERROR_CODES = {
@@ -352,6 +358,7 @@ class _Connection(asyncio.BufferedProtocol):
         "hbytes",
         "head_size",
         "headers",
+        "held",
         "keep_closing",
         "linger_last",
         "linger_start",
@@ -402,6 +409,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.reject: _Reject | None = None
         self.fresh = False
         self.head_size = 0
+        self.held = b""  # read but not yet parsed: the queue was full
         self.sent = 0
         self.url = b""
         self.headers: dict[str, str] = {}
@@ -445,8 +453,11 @@ class _Connection(asyncio.BufferedProtocol):
         return True if plain and self.busy and self.state != _CLOSING else None
 
     def pause_writing(self) -> None:
+        # The client is not reading its answers: read (and answer) nothing more
+        # from it until it does, or the write deadline drops it.
         self.write_paused = True
         self.wdeadline = self.loop.time() + self.server.write_timeout
+        self._pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -456,6 +467,14 @@ class _Connection(asyncio.BufferedProtocol):
             self.drain = None
             if not drain.done():
                 drain.set_result(None)
+        elif not self.busy:
+            # Called from inside the transport's flush: go on once it is done.
+            self.loop.call_soon(self._run_queue)
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
 
     # Reads land in one buffer shared by all connections of the server: the
     # transport calls get_buffer() and buffer_updated() back to back, and the
@@ -473,16 +492,29 @@ class _Connection(asyncio.BufferedProtocol):
             if self.lingering:
                 self.linger_last = self.loop.time()
             return  # after an error answer or a Connection: close
+        if self.held:  # only if a transport delivers data while paused
+            data = self.held + bytes(data)
+            self.held = b""
+        queue = self.queue
         if len(data) <= _SLICE:
             self._feed(data)
         else:
             view = memoryview(data)
-            for start in range(0, len(data), _SLICE):
+            size = len(data)
+            for start in range(0, size, _SLICE):
                 self._feed(view[start : start + _SLICE])
                 if self.dead:
                     break
-        if self.queue and not self.busy:
-            self._run_queue()
+                if len(queue) >= MAX_QUEUED and start + _SLICE < size:
+                    # Parsed later, when the queue has drained (a copy: the
+                    # read buffer is shared).
+                    self.held = bytes(view[start + _SLICE :])
+                    break
+        if queue:
+            if not self.busy:
+                self._run_queue()
+            if len(queue) >= MAX_QUEUED or self.held:
+                self._pause_reading()
 
     def _feed(self, data: bytes | memoryview) -> None:
         self.fresh = False
@@ -554,6 +586,9 @@ class _Connection(asyncio.BufferedProtocol):
                 411,
                 "Transfer-Encoding is not supported: send the body with a Content-Length header.",
             )
+        host = headers.get("host")
+        if host is not None and len(host) > MAX_HOST:
+            self._refuse(400, f"The Host header is longer than {MAX_HOST} characters.")
         length = headers.get("content-length")
         if length is None:
             if method in _NEEDS_LENGTH:
@@ -611,6 +646,8 @@ class _Connection(asyncio.BufferedProtocol):
     def _run_queue(self) -> None:
         queue = self.queue
         while queue and not self.busy and self.transport is not None:
+            if self.write_paused:
+                return  # resume_writing() comes back here; reading is paused meanwhile
             item = queue.popleft()
             if type(item) is _Reject:
                 self._send_reject(item)
@@ -621,14 +658,27 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _idle(self) -> None:
         """Back to reading: the keep-alive timer, or a fresh window for a half-read request."""
+        if self.held:
+            self.loop.call_soon(self._feed_held)
+            return
         now = self.loop.time()
         if self.state == _WAIT:
             self.deadline = now + self.server.keepalive_timeout
         else:
             self.deadline = now + self.server.request_timeout
-        if self.reading_paused:
+        if self.reading_paused and not self.write_paused:
             self.reading_paused = False
             self.transport.resume_reading()
+
+    def _feed_held(self) -> None:
+        if self.transport is None or self.busy or self.write_paused:
+            return  # closed, or whoever is busy calls _idle() again
+        if not self.held:
+            return  # scheduled twice
+        data, self.held = self.held, b""
+        self.data_received(data)
+        if not self.busy and not self.queue and self.transport is not None:
+            self._idle()
 
     def _call_app(self, request: Request, keep: int, t0: float) -> None:
         self.busy = True

@@ -490,6 +490,43 @@ def test_a_client_that_never_reads_is_dropped(serve, big_file, client_tls, tmp_p
         assert wait_for(lambda: running.server.connections == 0)
 
 
+@LOOPS
+@pytest.mark.parametrize("first", [b"GET /packages/sparse", b"GET /small"])
+def test_a_client_that_pipelines_without_reading_is_not_read(serve, client_tls, tmp_path, loop,
+                                                             first):
+    """Behind a download, or behind answers it does not read: few requests wait, none is read."""
+    sparse = tmp_path / "sparse.bin"
+    with sparse.open("wb") as handle:
+        handle.truncate(64 * 1024 * 1024)
+    waiting: list[int] = []  # requests parsed and waiting, each time the app is called
+
+    async def app(request: Request) -> Response:
+        waiting.append(max(len(conn.queue) for conn in running.server._conns))
+        if request.path == "/small":
+            return Response(200, [("Content-Type", "text/plain")], b"s" * 1000)
+        return await _serve_big(request, sparse)
+
+    running = serve(app, loop=loop)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.settimeout(2)
+    raw.connect(("127.0.0.1", running.port))
+    request = b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n"
+    limit = 32 * 1024 * 1024
+    sent = 0
+    with client_tls.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+        sock.sendall(first + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        with contextlib.suppress(TimeoutError, OSError):
+            while sent < limit:  # ends when the server stops reading: the send times out
+                sock.sendall(request * 1000)
+                sent += len(request) * 1000
+        assert sent < limit, "the server read everything a client that reads nothing sent"
+    if first == b"GET /small":  # (a download is never done: the client reads nothing)
+        assert len(waiting) > 100
+        # Parsing stops at the end of the 4 KiB slice that filled the queue.
+        assert max(waiting) < httpd.MAX_QUEUED + 4096 // len(request)
+
+
 # ---------------------------------------------------------------------------
 # Limits: an XML error, then the connection is closed
 
