@@ -23,6 +23,7 @@ import gc
 import inspect
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -61,6 +62,7 @@ __all__ = [
     "file_response",
     "listen_sockets",
     "loop_factory",
+    "open_file_limit",
     "run",
 ]
 
@@ -84,6 +86,9 @@ _SLICE = 4096  # big reads are parsed in slices this long (see _feed)
 # one write buffer of answers, never what it manages to send.
 MAX_QUEUED = 32
 MAX_HOST = 255  # a longer Host is no host name: 400 (package URLs are built from it)
+# Descriptors a worker needs besides its connections: listening sockets, the
+# database and its WAL, logs, the loop's own, a few package files being sent.
+FD_RESERVE = 64
 _READ_BUFFER = 64 * 1024
 
 ERROR_CODES = {
@@ -350,6 +355,7 @@ class _Connection(asyncio.BufferedProtocol):
         "body",
         "busy",
         "client",
+        "client_key",
         "dead",
         "deadline",
         "drain",
@@ -388,6 +394,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.loop = server.loop
         self.app = server.app
         self.client = client
+        self.client_key: str | bytes | None = None  # counted under it in server._per_client
         self.parser = httptools.HttpRequestParser(self)
         self.transport: Any = None
         self.peer_cert: dict | None = None
@@ -440,6 +447,8 @@ class _Connection(asyncio.BufferedProtocol):
         server = self.server
         server._conns.discard(self)
         server._count -= 1
+        if self.client_key is not None:
+            server._leave(self.client_key)
         drain = self.drain
         if drain is not None and not drain.done():
             drain.set_result(None)
@@ -663,7 +672,11 @@ class _Connection(asyncio.BufferedProtocol):
             return
         now = self.loop.time()
         if self.state == _WAIT:
-            self.deadline = now + self.server.keepalive_timeout
+            server = self.server
+            if server._count < server._crowded:
+                self.deadline = now + server.keepalive_timeout
+            else:
+                self.deadline = now + server.crowded_keepalive_timeout
         else:
             self.deadline = now + self.server.request_timeout
         if self.reading_paused and not self.write_paused:
@@ -968,6 +981,10 @@ class Server:
     ``request_timeout`` runs from a request's first byte to its last (the
     first request's from the end of the handshake); ``keepalive_timeout`` closes
     idle connections; ``write_timeout`` drops a client that stops reading.
+    ``max_connections`` caps open connections (handshakes included), and
+    ``max_per_client`` those from one address (an IPv6 /64 counts as one; None:
+    no cap); once three quarters of ``max_connections`` are open, idle
+    connections get ``crowded_keepalive_timeout`` instead of ``keepalive_timeout``.
     ``ssl_context=None`` serves plain HTTP (for tests and TLS-terminating proxies).
     """
 
@@ -983,6 +1000,8 @@ class Server:
         write_timeout: float = 30.0,
         shutdown_timeout: float = 10.0,
         max_connections: int = 10_000,
+        max_per_client: int | None = None,
+        crowded_keepalive_timeout: float = 10.0,
         access_log: Callable[[str], None] | None = None,
         error_body: ErrorBody | None = None,
         backlog: int = 1024,
@@ -996,13 +1015,15 @@ class Server:
         self.write_timeout = write_timeout
         self.shutdown_timeout = shutdown_timeout
         self.max_connections = max_connections
+        self.max_per_client = max_per_client
+        self.crowded_keepalive_timeout = min(crowded_keepalive_timeout, keepalive_timeout)
         self.access_log = access_log
         self.error_body = error_body or default_error_body
         self.backlog = backlog
         self.closing = False
         # Counters, for tests and for operators.
         self.requests = 0
-        self.refused = 0  # connections closed at once: max_connections reached
+        self.refused = 0  # connections closed at once: max_connections or max_per_client reached
         self.rejected = 0  # requests refused by a limit (4xx from the transport)
         self.timeouts = 0  # requests not received, or answers not read, in time
         self.handshake_failures = 0
@@ -1013,6 +1034,9 @@ class Server:
         self._opening: set[asyncio.Task] = set()  # plain HTTP connections being set up
         self._handshaking: set[TLSTransport] = set()
         self._count = 0  # accepted and not yet closed, handshakes included
+        self._crowded = max(1, max_connections * 3 // 4)  # from here keep-alive is short
+        # Open connections per client address, when max_per_client is set.
+        self._per_client: dict[str | bytes, int] | None = {} if max_per_client else None
         self._date_second = -1
         self._date_line = ""
         self._read_view = memoryview(bytearray(_READ_BUFFER))
@@ -1119,9 +1143,21 @@ class Server:
                 self.refused += 1
                 conn.close()
                 continue
+            protocol = _Connection(self, addr[:2])
+            per_client = self._per_client
+            if per_client is not None:
+                host = addr[0]
+                # One host usually holds a whole IPv6 /64: count the prefix.
+                key = host if ":" not in host else socket.inet_pton(socket.AF_INET6, host)[:8]
+                already = per_client.get(key, 0)
+                if already >= self.max_per_client:  # type: ignore[operator]
+                    self.refused += 1
+                    conn.close()
+                    continue
+                per_client[key] = already + 1
+                protocol.client_key = key
             self._count += 1
             conn.setblocking(False)
-            protocol = _Connection(self, addr[:2])
             if self.ssl_context is None:
                 task = self.loop.create_task(self._open(conn, protocol))
                 self._opening.add(task)
@@ -1131,7 +1167,7 @@ class Server:
             try:
                 conn, tls = wrap_server_socket(self.ssl_context, conn)
             except OSError:
-                self._count -= 1
+                self._gone(protocol)
                 self.handshake_failures += 1
                 conn.close()
                 continue
@@ -1152,8 +1188,23 @@ class Server:
         # Failed or timed-out handshakes (plain HTTP on the TLS port, silent
         # clients, scanners) are routine: counted, not logged.
         self._handshaking.discard(transport)
-        self._count -= 1
+        self._gone(transport.get_protocol())
         self.handshake_failures += 1
+
+    def _gone(self, protocol: _Connection) -> None:
+        """A connection that never reached connection_made() is closed."""
+        self._count -= 1
+        if protocol.client_key is not None:
+            self._leave(protocol.client_key)
+
+    def _leave(self, key: str | bytes) -> None:
+        per_client = self._per_client
+        assert per_client is not None
+        left = per_client[key] - 1
+        if left:
+            per_client[key] = left
+        else:
+            del per_client[key]
 
     def _resume_accept(self, listener: socket.socket) -> None:
         if not self.closing:
@@ -1165,13 +1216,19 @@ class Server:
             await self.loop.connect_accepted_socket(lambda: protocol, conn)
         except (Exception, asyncio.CancelledError):
             if not protocol.made:
-                self._count -= 1
+                self._gone(protocol)
                 conn.close()
             self.handshake_failures += 1
 
     def _sweep(self) -> None:
         try:
             now = self.loop.time()
+            if self._count >= self._crowded:
+                # Idle connections that started waiting before the server filled up.
+                short = now + self.crowded_keepalive_timeout
+                for conn in self._conns:
+                    if conn.state == _WAIT and not conn.busy and conn.deadline > short:
+                        conn.deadline = short
             expired = [c for c in self._conns if c.deadline <= now or c.wdeadline <= now]
             for conn in expired:
                 conn._expire(now)
@@ -1198,6 +1255,23 @@ class Server:
             self.access_log(f"{line} {log}" if log else line)  # type: ignore[misc]
         except Exception:
             logger.exception("The access log failed")
+
+
+def open_file_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit; return the limit.
+
+    The soft limit is often 1,024, a few hundred idle connections short of
+    locking every device out; the hard limit is what the admin allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # refused (a kernel cap such as fs.nr_open below hard): keep soft
+    return soft
 
 
 def listen_sockets(

@@ -139,6 +139,9 @@ class TLSTransport:
             return self._tls.cipher()
         return default
 
+    def get_protocol(self) -> Any:
+        return self._protocol
+
     def is_closing(self) -> bool:
         return self._closing or self._state == _CLOSED
 

@@ -757,6 +757,41 @@ def test_max_connections(serve, connect, loop):
 
 
 @LOOPS
+def test_connections_per_client_are_counted_until_they_close(serve, connect, loop):
+    running = serve(max_per_client=2, loop=loop)
+    for _ in range(5):  # failed handshakes give their place back
+        with socket.create_connection(("127.0.0.1", running.port), timeout=5) as plain:
+            plain.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert closed_within(plain, 3) is not None
+    assert wait_for(lambda: running.server.handshake_failures == 5)
+    kept = [connect(running) for _ in range(2)]
+    for sock in kept:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock.makefile("rb"))[0] == 200
+    with pytest.raises((OSError, ssl.SSLError)):
+        connect(running)
+    assert running.server.refused == 1
+    for sock in kept:
+        sock.close()
+    assert wait_for(lambda: running.server.connections == 0)
+    assert running.server._per_client == {}
+
+
+def test_keepalive_is_short_when_the_server_is_nearly_full(serve, connect):
+    running = serve(max_connections=4, keepalive_timeout=60, crowded_keepalive_timeout=0.3)
+    idle = connect(running)
+    idle.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_response(idle.makefile("rb"))[0] == 200
+    assert closed_within(idle, 1.0) is None  # 1 of 4 open: the usual keep-alive
+    others = [connect(running) for _ in range(2)]  # 3 of 4: crowded
+    for sock in others:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock.makefile("rb"))[0] == 200
+    assert closed_within(idle, 5) is not None, "an idle connection from before is closed"
+    assert all(closed_within(sock, 5) is not None for sock in others)
+
+
+@LOOPS
 def test_handshakes_that_end_at_once_leave_nothing_behind(serve, loop):
     # Plain HTTP already waiting when the server accepts fails the handshake at
     # its first step, inside the accept: such a connection once stayed in the

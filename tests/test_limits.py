@@ -8,8 +8,14 @@ sleeps to wait for the server: each polls for what it expects.
 from __future__ import annotations
 
 import contextlib
+import http.client
+import re
+import resource
 import socket
 import ssl
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +121,83 @@ def test_a_long_host_is_refused_before_it_is_copied_into_answers(flood_server):
     longest = ".".join(["a" * 63] * 4)  # 255 characters: still a host name, still used
     status, _, body = server.request("POST", "/poll", POLL, headers={"Host": longest})
     assert status == 200 and f"https://{longest}/packages/".encode() in body
+
+
+# ---------------------------------------------------------------------------
+# Item 8: file descriptors and connections per client
+
+
+def serve_under_file_limit(home: Path, soft: int, hard: int, *args: str) -> subprocess.Popen:
+    """``dynupdate serve`` started with RLIMIT_NOFILE (soft, hard); stderr piped."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    command = [sys.executable, "-m", "dynupdate", "--home", str(home), "serve",
+               "--host", "127.0.0.1", "--port", "0", "--workers", "1", *args]
+    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True, preexec_fn=limit)
+
+
+def lines_until_serving(process: subprocess.Popen) -> list[str]:
+    lines = []
+    while line := process.stderr.readline():
+        lines.append(line)
+        if line.startswith("Serving "):
+            return lines
+    raise AssertionError("serve exited:\n" + "".join(lines))
+
+
+def test_serve_raises_the_file_limit_and_lowers_max_connections_to_fit(tmp_path):
+    process = serve_under_file_limit(tmp_path / "home", 256, 512)
+    try:
+        lines = lines_until_serving(process)
+        said = "".join(lines)
+        assert "--max-connections 10000 lowered to 448: the limit of open files is 512" in said
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+        assert re.search(r"Max open files\s+512\s+512", limits), limits
+        port = int(re.search(r"127\.0\.0\.1:(\d+)", lines[-1]).group(1))
+        context = ssl.create_default_context(cafile=str(tmp_path / "home" / "tls" / "server.crt"))
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+        conn.request("POST", "/poll", body=POLL)
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        process.terminate()
+        process.communicate(timeout=20)
+
+
+def test_serve_says_nothing_when_max_connections_fits(tmp_path):
+    process = serve_under_file_limit(tmp_path / "home", 256, 256, "--max-connections", "100")
+    try:
+        assert not any("lowered" in line for line in lines_until_serving(process))
+    finally:
+        process.terminate()
+        process.communicate(timeout=20)
+
+
+def test_connections_per_client_address_are_capped(start_server, tmp_path):
+    server = start_server(tmp_path / "home", "--max-per-client", "3")
+    kept = [tls_socket(server) for _ in range(3)]
+    try:
+        for sock in kept:
+            sock.sendall(poll_request())
+            assert read_response(sock.makefile("rb"))[0] == 200
+        with pytest.raises((OSError, ssl.SSLError)):  # closed at once: no handshake
+            tls_socket(server).close()
+        # Another address is still served: 127.0.0.2 is loopback on Linux.
+        with tls_socket(server, source="127.0.0.2") as other:
+            other.sendall(poll_request())
+            assert read_response(other.makefile("rb"))[0] == 200
+        kept.pop().close()
+        accepted = None
+        deadline = time.monotonic() + 5
+        while accepted is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ssl.SSLError):  # the close not seen yet
+                accepted = tls_socket(server)
+        assert accepted is not None, "a connection is accepted again once one has closed"
+        kept.append(accepted)
+        accepted.sendall(poll_request())
+        assert read_response(accepted.makefile("rb"))[0] == 200
+    finally:
+        for sock in kept:
+            sock.close()
