@@ -43,7 +43,7 @@ from typing import Any
 import httptools
 
 from dynupdate.core.errors import InvalidInput
-from dynupdate.tlsio import TLSTransport, wrap_server_socket
+from dynupdate.tlsio import TLSTransport, spoke_plain_http, wrap_server_socket
 
 __all__ = [
     "ERROR_CODES",
@@ -89,6 +89,23 @@ MAX_HOST = 255  # a longer Host is no host name: 400 (package URLs are built fro
 # Descriptors a worker needs besides its connections: listening sockets, the
 # database and its WAL, logs, the loop's own, a few package files being sent.
 FD_RESERVE = 64
+# Connection failures (handshakes, plain HTTP, refusals) are logged one line
+# each, at most EVENT_BURST lines per EVENT_PERIOD seconds: a flood of them
+# cannot fill the disk. The rest are counted, and the count logged.
+EVENT_BURST = 20
+EVENT_PERIOD = 60.0
+# What an admin can do about the usual handshake failures, by OpenSSL reason.
+_HANDSHAKE_HINTS = {
+    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust the server's certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the client refused the server's certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the client refused the server's certificate",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client sent no client certificate",
+    "CERTIFICATE_VERIFY_FAILED": "the client certificate is not signed by the client CA",
+    "NO_SHARED_CIPHER": "no TLS cipher in common with the client",
+    "UNSUPPORTED_PROTOCOL": "no TLS version in common with the client (1.2 at least)",
+    "WRONG_VERSION_NUMBER": "the client does not speak TLS",
+    "UNEXPECTED_EOF_WHILE_READING": "the client closed the connection",
+}
 _READ_BUFFER = 64 * 1024
 
 ERROR_CODES = {
@@ -985,6 +1002,9 @@ class Server:
     ``max_per_client`` those from one address (an IPv6 /64 counts as one; None:
     no cap); once three quarters of ``max_connections`` are open, idle
     connections get ``crowded_keepalive_timeout`` instead of ``keepalive_timeout``.
+    ``access_log`` gets one line per request, ``connection_log`` one per failed
+    handshake, plain-HTTP request on the TLS port or refused connection (rate
+    limited; default: the ``dynupdate.httpd`` logger), each led by a UTC time.
     ``ssl_context=None`` serves plain HTTP (for tests and TLS-terminating proxies).
     """
 
@@ -1003,6 +1023,7 @@ class Server:
         max_per_client: int | None = None,
         crowded_keepalive_timeout: float = 10.0,
         access_log: Callable[[str], None] | None = None,
+        connection_log: Callable[[str], None] | None = None,
         error_body: ErrorBody | None = None,
         backlog: int = 1024,
     ) -> None:
@@ -1018,6 +1039,7 @@ class Server:
         self.max_per_client = max_per_client
         self.crowded_keepalive_timeout = min(crowded_keepalive_timeout, keepalive_timeout)
         self.access_log = access_log
+        self.connection_log = connection_log or logger.warning
         self.error_body = error_body or default_error_body
         self.backlog = backlog
         self.closing = False
@@ -1039,6 +1061,11 @@ class Server:
         self._per_client: dict[str | bytes, int] | None = {} if max_per_client else None
         self._date_second = -1
         self._date_line = ""
+        self._stamp_second = -1
+        self._stamp_text = ""
+        self._events_until = 0.0  # the end of the current EVENT_PERIOD
+        self._events = 0  # lines logged in it
+        self._events_dropped = 0  # and not logged
         self._read_view = memoryview(bytearray(_READ_BUFFER))
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._sweep_interval = max(
@@ -1119,6 +1146,7 @@ class Server:
             await asyncio.gather(*self._opening, return_exceptions=True)
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
+        self._flush_events()
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
@@ -1142,6 +1170,10 @@ class Server:
             if self._count >= self.max_connections or self.closing:
                 self.refused += 1
                 conn.close()
+                if not self.closing:
+                    self._event(
+                        addr[0], f"refused: {self._count} connections open, the server's maximum"
+                    )
                 continue
             protocol = _Connection(self, addr[:2])
             per_client = self._per_client
@@ -1153,6 +1185,10 @@ class Server:
                 if already >= self.max_per_client:  # type: ignore[operator]
                     self.refused += 1
                     conn.close()
+                    self._event(
+                        host, f"refused: {already} connections open from this address, the "
+                        "maximum per client",
+                    )
                     continue
                 per_client[key] = already + 1
                 protocol.client_key = key
@@ -1166,10 +1202,11 @@ class Server:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 conn, tls = wrap_server_socket(self.ssl_context, conn)
-            except OSError:
+            except OSError as exc:
                 self._gone(protocol)
                 self.handshake_failures += 1
                 conn.close()
+                self._event(addr[0], f"TLS failed to start: {exc}")
                 continue
             transport = TLSTransport(
                 self.loop,
@@ -1179,17 +1216,75 @@ class Server:
                 handshake_timeout=self.handshake_timeout,
                 opened=self._handshaking.discard,
                 failed=self._handshake_failed,
+                plain_http_answer=self._plain_http_answer,
             )
             # Registered first: the handshake may end (either way) inside start().
             self._handshaking.add(transport)
             transport.start()
 
     def _handshake_failed(self, transport: TLSTransport, exc: BaseException) -> None:
-        # Failed or timed-out handshakes (plain HTTP on the TLS port, silent
-        # clients, scanners) are routine: counted, not logged.
         self._handshaking.discard(transport)
-        self._gone(transport.get_protocol())
+        protocol = transport.get_protocol()
+        self._gone(protocol)
         self.handshake_failures += 1
+        if self.closing:
+            return  # aborted by close()
+        reason = getattr(exc, "reason", None)
+        if spoke_plain_http(exc):
+            what = "plain HTTP on the HTTPS port: the client must use https://"
+        elif isinstance(exc, TimeoutError):
+            what = f"TLS handshake failed: not done within {self.handshake_timeout:g} s"
+        elif reason:
+            hint = _HANDSHAKE_HINTS.get(reason)
+            what = f"TLS handshake failed: {reason}" + (f" ({hint})" if hint else "")
+        elif isinstance(exc, ConnectionError | ssl.SSLEOFError):
+            what = "TLS handshake failed: the client closed the connection"
+        else:
+            what = f"TLS handshake failed: {exc}"
+        self._event(protocol.client[0], what)
+
+    def _plain_http_answer(self) -> bytes:
+        body = self._error(400, "This port speaks HTTPS only: use https://.")
+        head = (
+            f"HTTP/1.1 400 Bad Request\r\nDate: {formatdate(usegmt=True)}\r\n"
+            f"Content-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        return head.encode("latin-1") + body
+
+    def _stamp(self) -> str:
+        """The time now, ISO 8601 UTC to the second (made once a second)."""
+        now = int(time.time())
+        if now != self._stamp_second:
+            self._stamp_second = now
+            self._stamp_text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+        return self._stamp_text
+
+    def _event(self, client: str, what: str) -> None:
+        """One line about a connection that failed, unless EVENT_BURST were logged lately."""
+        now = self.loop.time()
+        if now >= self._events_until:
+            self._flush_events()
+            self._events_until = now + EVENT_PERIOD
+        if self._events >= EVENT_BURST:
+            self._events_dropped += 1
+            return
+        self._events += 1
+        self._write_event(f"{self._stamp()} {client} {_printable(what)}")
+
+    def _flush_events(self) -> None:
+        if self._events_dropped:
+            self._write_event(
+                f"{self._stamp()} {self._events_dropped} more connection failures not logged "
+                f"(at most {EVENT_BURST} lines in {EVENT_PERIOD:g} s)"
+            )
+        self._events = self._events_dropped = 0
+
+    def _write_event(self, line: str) -> None:
+        try:
+            self.connection_log(line)
+        except Exception:
+            logger.exception("The connection log failed")
 
     def _gone(self, protocol: _Connection) -> None:
         """A connection that never reached connection_made() is closed."""
@@ -1250,7 +1345,7 @@ class Server:
         self, client: str, method: str, path: str, status: int, sent: int, t0: float, log: str
     ) -> None:
         ms = (self.loop.time() - t0) * 1000.0
-        line = f"{client} {method} {_printable(path)} {status} {sent} {ms:.1f}ms"
+        line = f"{self._stamp()} {client} {method} {_printable(path)} {status} {sent} {ms:.1f}ms"
         try:
             self.access_log(f"{line} {log}" if log else line)  # type: ignore[misc]
         except Exception:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -321,9 +322,18 @@ def test_access_log_has_one_line_per_request(serve, client_tls):
     conn.getresponse().read()
     conn.close()
     assert wait_for(lambda: len(lines) == 1)
-    assert re.fullmatch(
-        r"127\.0\.0\.1 GET /poll 204 0 \d+\.\dms serial=8211ABC up-to-date", lines[0]
+    match = re.fullmatch(
+        r"(\S+) 127\.0\.0\.1 GET /poll 204 0 \d+\.\dms serial=8211ABC up-to-date", lines[0]
     )
+    assert match, lines[0]
+    assert_recent_utc(match.group(1))
+
+
+def assert_recent_utc(text: str) -> None:
+    """``text`` is an ISO 8601 UTC time to the second, like 2026-12-02T13:04:05Z, of about now."""
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", text), text
+    when = datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - when).total_seconds()) < 60
 
 
 # ---------------------------------------------------------------------------
@@ -702,7 +712,7 @@ def test_misbehaving_clients_do_not_delay_a_real_request(serve, client_tls, loop
         assert response.status == 200 and json.loads(response.read())["path"] == "/real"
         assert time.monotonic() - started < 1.0
         conn.close()
-        assert closed_within(plain, 2) is not None  # the plain-HTTP client got no answer
+        assert closed_within(plain, 2) is not None  # the plain-HTTP client: a 400, then closed
     finally:
         for sock in bad:
             sock.close()
@@ -710,13 +720,16 @@ def test_misbehaving_clients_do_not_delay_a_real_request(serve, client_tls, loop
 
 @LOOPS
 def test_silent_connections_are_closed_at_the_handshake_timeout(serve, loop):
-    running = serve(handshake_timeout=0.5, loop=loop)
+    lines: list[str] = []
+    running = serve(handshake_timeout=0.5, connection_log=lines.append, loop=loop)
     sock = socket.create_connection(("127.0.0.1", running.port), timeout=5)
     with sock:
         elapsed = closed_within(sock, 3)
     assert elapsed is not None and 0.3 < elapsed < 2
     assert wait_for(lambda: running.server.connections == 0)
     assert running.server.handshake_failures == 1
+    assert wait_for(lambda: len(lines) == 1)
+    assert lines[0].endswith(" 127.0.0.1 TLS handshake failed: not done within 0.5 s")
 
 
 def test_idle_keepalive_connections_are_closed(serve, connect):
@@ -775,6 +788,55 @@ def test_connections_per_client_are_counted_until_they_close(serve, connect, loo
         sock.close()
     assert wait_for(lambda: running.server.connections == 0)
     assert running.server._per_client == {}
+
+
+@LOOPS
+def test_failed_handshakes_are_logged_one_line_each(serve, loop):
+    lines: list[str] = []
+    running = serve(connection_log=lines.append, loop=loop)
+    untrusting = ssl.create_default_context()  # does not know the test CA
+    with (
+        socket.create_connection(("127.0.0.1", running.port), timeout=5) as raw,
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
+            untrusting.wrap_socket(raw, server_hostname="127.0.0.1")
+    assert wait_for(lambda: len(lines) == 1)
+    stamp, peer, what = lines[0].split(" ", 2)
+    assert_recent_utc(stamp)
+    assert peer == "127.0.0.1"
+    assert what == (
+        "TLS handshake failed: TLSV1_ALERT_UNKNOWN_CA "
+        "(the client does not trust the server's certificate)"
+    )
+
+    with socket.create_connection(("127.0.0.1", running.port), timeout=5) as plain:
+        plain.sendall(b"POST /poll HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        status, headers, body = read_response(plain.makefile("rb"))
+    assert status == 400 and headers["connection"] == "close"
+    assert "https://" in xml_error(body).get("message")
+    assert wait_for(lambda: len(lines) == 2)
+    stamp, peer, what = lines[1].split(" ", 2)
+    assert_recent_utc(stamp)
+    assert peer == "127.0.0.1"
+    assert what == "plain HTTP on the HTTPS port: the client must use https://"
+    assert running.server.handshake_failures == 2
+
+
+def test_a_flood_of_failed_handshakes_logs_a_bounded_number_of_lines(serve):
+    lines: list[str] = []
+    running = serve(connection_log=lines.append)
+    for _ in range(200):
+        with socket.create_connection(("127.0.0.1", running.port), timeout=5) as plain:
+            plain.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert plain.recv(12) == b"HTTP/1.1 400"
+    assert wait_for(lambda: running.server.handshake_failures == 200)
+    assert len(lines) == httpd.EVENT_BURST
+    running.stop()  # the count of what was not logged is logged at the end of the period
+    assert len(lines) == httpd.EVENT_BURST + 1
+    assert lines[-1].split(" ", 1)[1] == (
+        f"{200 - httpd.EVENT_BURST} more connection failures not logged "
+        f"(at most {httpd.EVENT_BURST} lines in {httpd.EVENT_PERIOD:g} s)"
+    )
 
 
 def test_keepalive_is_short_when_the_server_is_nearly_full(serve, connect):

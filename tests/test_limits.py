@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ServerProcess
-from test_httpd import read_response
+from test_httpd import read_response, wait_for
 from typer.testing import CliRunner
 
 from dynupdate.cli import app
@@ -184,6 +184,10 @@ def test_connections_per_client_address_are_capped(start_server, tmp_path):
             assert read_response(sock.makefile("rb"))[0] == 200
         with pytest.raises((OSError, ssl.SSLError)):  # closed at once: no handshake
             tls_socket(server).close()
+        assert wait_for(lambda: any(
+            " 127.0.0.1 refused: 3 connections open from this address" in line
+            for line in server.log
+        ))
         # Another address is still served: 127.0.0.2 is loopback on Linux.
         with tls_socket(server, source="127.0.0.2") as other:
             other.sendall(poll_request())
@@ -201,3 +205,34 @@ def test_connections_per_client_address_are_capped(start_server, tmp_path):
     finally:
         for sock in kept:
             sock.close()
+
+
+# ---------------------------------------------------------------------------
+# Item 11: what an admin sees of connections that fail
+
+
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+
+
+def test_the_log_shows_plain_http_and_failed_handshakes_with_a_time(start_server, tmp_path):
+    server = start_server(tmp_path / "home")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as plain:
+        plain.sendall(poll_request())
+        assert plain.recv(12) == b"HTTP/1.1 400"
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
+            ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
+    assert server.request("POST", "/poll", POLL)[0] == 200
+
+    def logged(pattern: str) -> bool:
+        return any(re.fullmatch(pattern, line.rstrip("\n")) for line in server.log)
+
+    assert wait_for(lambda: logged(
+        STAMP + r" 127\.0\.0\.1 plain HTTP on the HTTPS port: the client must use https://"
+    ))
+    assert wait_for(lambda: logged(
+        STAMP + r" 127\.0\.0\.1 TLS handshake failed: TLSV1_ALERT_UNKNOWN_CA .*"
+    ))
+    assert wait_for(lambda: logged(STAMP + r" 127\.0\.0\.1 POST /poll 200 \d+ .*"))

@@ -67,7 +67,9 @@ def serve(
         "(CN or a SAN) and its own peripherals; needs --client-ca.",
     ),
     access_log: bool = typer.Option(
-        True, "--access-log/--no-access-log", help="One line per request on stderr."
+        True,
+        "--access-log/--no-access-log",
+        help="One line per request on stderr (failed connections are logged either way).",
     ),
 ) -> None:
     """Serve endpoints over HTTPS: polls, status reports and package downloads.
@@ -147,6 +149,7 @@ def serve(
         max_per_client=max_per_client or None,
         request_timeout=timeout,
         access_log=log_line if access_log else None,
+        connection_log=log_line,
     )
 
 
