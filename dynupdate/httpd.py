@@ -1175,8 +1175,8 @@ class Server:
                         addr[0], f"refused: {self._count} connections open, the server's maximum"
                     )
                 continue
-            protocol = _Connection(self, addr[:2])
             per_client = self._per_client
+            key = None
             if per_client is not None:
                 host = addr[0]
                 # One host usually holds a whole IPv6 /64: count the prefix.
@@ -1191,9 +1191,10 @@ class Server:
                     )
                     continue
                 per_client[key] = already + 1
-                protocol.client_key = key
             self._count += 1
             conn.setblocking(False)
+            protocol = _Connection(self, addr[:2])
+            protocol.client_key = key
             if self.ssl_context is None:
                 task = self.loop.create_task(self._open(conn, protocol))
                 self._opening.add(task)
