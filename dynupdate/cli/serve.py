@@ -37,7 +37,19 @@ def serve(
     workers: int = typer.Option(
         0, "--workers", min=0, help="Processes sharing the port (0: one per core)."
     ),
-    max_connections: int = typer.Option(10_000, "--max-connections", min=1),
+    max_connections: int = typer.Option(
+        10_000,
+        "--max-connections",
+        min=1,
+        help="Open connections per worker; lowered at start to what the open-file limit allows.",
+    ),
+    max_per_client: int = typer.Option(
+        1_000,
+        "--max-per-client",
+        min=0,
+        help="Open connections per worker from one client address, an IPv6 /64 counting as "
+        "one (0: no cap). Devices behind one NAT address share it.",
+    ),
     request_timeout: str = typer.Option(
         "30",
         "--request-timeout",
@@ -55,7 +67,9 @@ def serve(
         "(CN or a SAN) and its own peripherals; needs --client-ca.",
     ),
     access_log: bool = typer.Option(
-        True, "--access-log/--no-access-log", help="One line per request on stderr."
+        True,
+        "--access-log/--no-access-log",
+        help="One line per request on stderr (failed connections are logged either way).",
     ),
 ) -> None:
     """Serve endpoints over HTTPS: polls, status reports and package downloads.
@@ -91,6 +105,16 @@ def serve(
         bind_serial=bind_serial,
     )
     state = state_of(ctx)
+    files = httpd.open_file_limit()
+    if max_connections > files - httpd.FD_RESERVE:
+        lowered = max(1, files - httpd.FD_RESERVE)
+        # Always shown, --quiet or not: the server then holds fewer devices than asked.
+        say(
+            f"--max-connections {max_connections} lowered to {lowered}: the limit of open "
+            f"files is {files}. Raise it (ulimit -n, or LimitNOFILE= in a systemd unit) "
+            "to hold more connections."
+        )
+        max_connections = lowered
     say(f"Certificate SHA-256 fingerprint (for --pin): {tls.fingerprint(cert)}", quiet=state.quiet)
     if client_ca is not None:
         bound = "; each speaks only for its own serial" if bind_serial else ""
@@ -122,8 +146,10 @@ def serve(
         workers=workers,
         ready=ready,
         max_connections=max_connections,
+        max_per_client=max_per_client or None,
         request_timeout=timeout,
         access_log=log_line if access_log else None,
+        connection_log=log_line,
     )
 
 
