@@ -1258,12 +1258,16 @@ async def _serve(
     server_opts: dict[str, Any],
     reuse_port: bool,
     ready: Callable[[list[tuple[str, int]]], None] | None,
+    parent: int | None = None,
 ) -> None:
+    """Serve until SIGINT/SIGTERM or, for a worker, until ``parent`` (a pipe) reads EOF."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
+    if parent is not None:
+        loop.add_reader(parent, stop.set)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # a forked worker starts blocked
     try:
         app = app_factory()
@@ -1284,6 +1288,8 @@ async def _serve(
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
+        if parent is not None:
+            loop.remove_reader(parent)
 
 
 def _supervise(
@@ -1303,6 +1309,9 @@ def _supervise(
     port = addresses[0][1]
     signals = {signal.SIGINT, signal.SIGTERM}
     ready_r, ready_w = os.pipe()
+    # Only the supervisor keeps the write end: when it dies, even by SIGKILL, the
+    # workers read EOF and stop, so none serves (and holds the home's lock) orphaned.
+    alive_r, alive_w = os.pipe()
     children: dict[int, float] = {}
     stopping = False
 
@@ -1316,11 +1325,12 @@ def _supervise(
             code = 1
             try:
                 os.close(ready_r)
+                os.close(alive_w)
                 for s in reserved:
                     s.close()
                 for signum in signals:
                     signal.signal(signum, signal.SIG_DFL)
-                args = (app_factory, host, port, ssl_context, server_opts, True, started)
+                args = (app_factory, host, port, ssl_context, server_opts, True, started, alive_r)
                 with asyncio.Runner(loop_factory=factory) as runner:
                     runner.run(_serve(*args))
                 code = 0
@@ -1385,7 +1395,7 @@ def _supervise(
             signal.signal(signum, handler)
         for s in reserved:
             s.close()
-        os.close(ready_r)
-        os.close(ready_w)
+        for fd in (ready_r, ready_w, alive_r, alive_w):
+            os.close(fd)
     if failure:
         raise RuntimeError(f"The server stopped: {failure}; see the errors above.")
