@@ -1184,6 +1184,11 @@ def listen_sockets(
             try:
                 s.bind(addr)
             except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise InvalidInput(
+                        f"Another process already listens on {addr[0]} port {addr[1]}; "
+                        "stop it or choose another --host or --port."
+                    ) from None
                 raise InvalidInput(
                     f"Cannot listen on {addr[0]} port {addr[1]}: {exc.strerror}. "
                     "Choose another --host or --port."
@@ -1302,6 +1307,13 @@ def _supervise(
     ready: Callable[[list[tuple[str, int]]], None] | None,
     factory: Callable[[], asyncio.AbstractEventLoop] | None,
 ) -> None:
+    if port:
+        # SO_REUSEPORT would let the kernel spread connections over this server and
+        # any other one listening there (another home, another certificate). A probe
+        # bound without it fails while anyone listens on the address (a wildcard one
+        # included); with SO_REUSEADDR, connections in TIME_WAIT do not count.
+        for probe in listen_sockets(host, port, listen=False):
+            probe.close()
     # Bound but not listening: reserves the port (and resolves port 0) for the
     # workers' own SO_REUSEPORT sockets without taking any connection itself.
     reserved = listen_sockets(host, port, reuse_port=True, listen=False)

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from dynupdate.core.home import LOCK_NAME
 
 
@@ -66,6 +68,21 @@ def test_second_serve_on_the_same_home_names_the_supervisor(start_server, home_d
     assert "Serving" not in result.stderr and "Traceback" not in result.stderr
     status, _, _ = first.request("GET", "/")
     assert status == 404, "the first server still answers"
+    first.assert_alive()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_second_serve_on_the_same_port_names_address_and_port(
+    start_server, home_dir, tmp_path, host, workers
+):
+    """Another home on the port of a running server: a wildcard address overlaps it too."""
+    first = start_server(home_dir, "--workers", "2")
+    result = serve(tmp_path / "other", "--host", host, "--port", str(first.port),
+                   "--workers", workers)
+    assert result.returncode == 1, result.stderr
+    assert f"already listens on {host} port {first.port}" in result.stderr
+    assert "Serving" not in result.stderr and "Traceback" not in result.stderr
     first.assert_alive()
 
 
