@@ -1,4 +1,4 @@
-"""One home, one server: a second serve is refused while one runs."""
+"""One home, one server: a second serve, or a restore, is refused while one runs."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from dynupdate.core.db import DB_NAME
 from dynupdate.core.home import LOCK_NAME
 
 
@@ -107,3 +108,19 @@ def test_kill_9_of_the_server_releases_the_home(start_server, home_dir):
     assert second.port == first.port
     status, _, _ = second.request("GET", "/")
     assert status == 404
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_restore_is_refused_while_serving(cli, start_server, home_dir, tmp_path, make_file, force):
+    cli("package", "add", make_file(b"pkg"), "--type", "Trio", "--version", "1.0")
+    cli("backup", tmp_path / "backup")
+    cli("policy", "set", "Trio", "--version", "1.0")
+    server = start_server(home_dir)
+    before = (home_dir / DB_NAME).read_bytes()
+    error = cli("restore", tmp_path / "backup", *force, code=1).stderr
+    assert f"in use by dynupdate serve (PID {server.process.pid})" in error
+    assert "--force does not override" in error
+    assert (home_dir / DB_NAME).read_bytes() == before
+    assert not (home_dir / (DB_NAME + ".restoring")).exists()
+    assert cli.json("policy", "show", "Trio")["version_to_use"] == "1.0"
+    server.assert_alive()

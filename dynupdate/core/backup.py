@@ -16,7 +16,7 @@ from pathlib import Path
 from dynupdate import __version__
 from dynupdate.core.db import DB_NAME
 from dynupdate.core.errors import Conflict, InvalidInput, StorageError
-from dynupdate.core.home import Home
+from dynupdate.core.home import Home, home_locked
 from dynupdate.core.integrity import file_sha256
 from dynupdate.core.store import PackageStore
 from dynupdate.core.times import format_utc, utc_now
@@ -82,6 +82,14 @@ def restore_home(source: Path, home_path: Path, *, force: bool = False) -> dict:
     manifest_path = source / MANIFEST
     if not manifest_path.is_file():
         raise InvalidInput(f"'{source}' is not a dynupdate backup (no {MANIFEST}).")
+    home_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    advice = "stop that server before restoring (--force does not override this)."
+    with home_locked(home_path, "restore", advice):
+        return _restore(source, home_path, force=force)
+
+
+def _restore(source: Path, home_path: Path, *, force: bool) -> dict:
+    manifest_path = source / MANIFEST
     if (home_path / DB_NAME).exists() and not force:
         raise Conflict(
             f"The home '{home_path}' already has a database; stop the server and add --force "
