@@ -1404,6 +1404,11 @@ def listen_sockets(
             try:
                 s.bind(addr)
             except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise InvalidInput(
+                        f"Another process already listens on {addr[0]} port {addr[1]}; "
+                        "stop it or choose another --host or --port."
+                    ) from None
                 raise InvalidInput(
                     f"Cannot listen on {addr[0]} port {addr[1]}: {exc.strerror}. "
                     "Choose another --host or --port."
@@ -1478,12 +1483,16 @@ async def _serve(
     server_opts: dict[str, Any],
     reuse_port: bool,
     ready: Callable[[list[tuple[str, int]]], None] | None,
+    parent: int | None = None,
 ) -> None:
+    """Serve until SIGINT/SIGTERM or, for a worker, until ``parent`` (a pipe) reads EOF."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
+    if parent is not None:
+        loop.add_reader(parent, stop.set)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # a forked worker starts blocked
     try:
         app = app_factory()
@@ -1504,6 +1513,8 @@ async def _serve(
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
+        if parent is not None:
+            loop.remove_reader(parent)
 
 
 def _supervise(
@@ -1516,6 +1527,13 @@ def _supervise(
     ready: Callable[[list[tuple[str, int]]], None] | None,
     factory: Callable[[], asyncio.AbstractEventLoop] | None,
 ) -> None:
+    if port:
+        # SO_REUSEPORT would let the kernel spread connections over this server and
+        # any other one listening there (another home, another certificate). A probe
+        # bound without it fails while anyone listens on the address (a wildcard one
+        # included); with SO_REUSEADDR, connections in TIME_WAIT do not count.
+        for probe in listen_sockets(host, port, listen=False):
+            probe.close()
     # Bound but not listening: reserves the port (and resolves port 0) for the
     # workers' own SO_REUSEPORT sockets without taking any connection itself.
     reserved = listen_sockets(host, port, reuse_port=True, listen=False)
@@ -1523,6 +1541,9 @@ def _supervise(
     port = addresses[0][1]
     signals = {signal.SIGINT, signal.SIGTERM}
     ready_r, ready_w = os.pipe()
+    # Only the supervisor keeps the write end: when it dies, even by SIGKILL, the
+    # workers read EOF and stop, so none serves (and holds the home's lock) orphaned.
+    alive_r, alive_w = os.pipe()
     children: dict[int, float] = {}
     stopping = False
 
@@ -1536,11 +1557,12 @@ def _supervise(
             code = 1
             try:
                 os.close(ready_r)
+                os.close(alive_w)
                 for s in reserved:
                     s.close()
                 for signum in signals:
                     signal.signal(signum, signal.SIG_DFL)
-                args = (app_factory, host, port, ssl_context, server_opts, True, started)
+                args = (app_factory, host, port, ssl_context, server_opts, True, started, alive_r)
                 with asyncio.Runner(loop_factory=factory) as runner:
                     runner.run(_serve(*args))
                 code = 0
@@ -1605,7 +1627,7 @@ def _supervise(
             signal.signal(signum, handler)
         for s in reserved:
             s.close()
-        os.close(ready_r)
-        os.close(ready_w)
+        for fd in (ready_r, ready_w, alive_r, alive_w):
+            os.close(fd)
     if failure:
         raise RuntimeError(f"The server stopped: {failure}; see the errors above.")

@@ -15,6 +15,7 @@ from datetime import timedelta
 import pytest
 
 from dynupdate.core import audit
+from dynupdate.core.backup import MANIFEST
 from dynupdate.core.db import DB_NAME, write
 from dynupdate.core.times import parse_utc, utc_now
 
@@ -212,8 +213,15 @@ def test_verify_names_a_changed_row(cli, make_file, home_dir):
     conn.close()
     assert "was changed" in _verify_fails_at(cli, 5)
     check = cli("check", "--json", code=3)
-    [finding] = json.loads(check.stdout)["findings"]
-    assert finding["kind"] == "audit-log" and finding["detail"].startswith("entry 5:")
+    findings = json.loads(check.stdout)["findings"]
+    [finding] = [f for f in findings if f["kind"] == "audit-log"]
+    assert finding["detail"].startswith("entry 5:")
+    # dropping the log's triggers is itself found, by the schema check
+    missing = sorted(f["detail"] for f in findings if f["kind"] == "schema")
+    assert missing == [
+        "trigger 'audit_log_no_delete' is missing",
+        "trigger 'audit_log_no_update' is missing",
+    ]
 
 
 def test_verify_names_a_row_whose_hash_was_recomputed_by_its_successor(cli, make_file, home_dir):
@@ -347,6 +355,11 @@ def test_restoring_a_backup_from_before_the_audit_log_starts_its_chain(
         "DELETE FROM _sqlite_migrations WHERE name IN ('0003_audit_log', '0004_activation_keys')"
     )
     old.close()
+    # ... as written before backups recorded their database's SHA-256
+    manifest_path = tmp_path / "b" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["database_sha256"]
+    manifest_path.write_text(json.dumps(manifest))
     monkeypatch.setenv("DYNUPDATE_HOME", str(tmp_path / "restored"))
     cli("restore", tmp_path / "b")
     [entry] = _log(cli)

@@ -14,7 +14,7 @@ from dynupdate.cli._app import home_of, state_of
 from dynupdate.cli._output import say
 from dynupdate.core.durations import parse_duration
 from dynupdate.core.errors import InvalidInput
-from dynupdate.core.home import open_home
+from dynupdate.core.home import home_locked, open_home
 
 
 def serve(
@@ -92,6 +92,8 @@ def serve(
             raise InvalidInput(f"Invalid {name} '{url}': use an http(s):// URL.")
     if (cert is None) != (key is None):
         raise InvalidInput("Give both --cert and --key, or neither (a self-signed one is made).")
+    # Held while the server runs; the workers it forks share it (see lock_home).
+    ctx.with_resource(home_locked(home.path, "serve", "stop it first, or use another --home."))
     if cert is None:
         cert, key = tls.ensure_self_signed(home.path)
     context = tls.server_context(cert, key, client_ca)

@@ -66,9 +66,16 @@ class PackageStore:
 
     @contextlib.contextmanager
     def stage(
-        self, source: Path, progress: Callable[[int], None] | None = None
+        self,
+        source: Path,
+        progress: Callable[[int], None] | None = None,
+        *,
+        expect: str | None = None,
     ) -> Iterator[StagedFile]:
-        """Copy ``source`` into the store; the temp copy lives until the block ends."""
+        """Copy ``source`` into the store; the temp copy lives until the block ends.
+
+        ``expect``: the SHA-256 the bytes copied must have, else nothing is linked.
+        """
         self.ensure()
         temp = self.temp_dir / f"{uuid.uuid4().hex}.part"
         try:
@@ -87,6 +94,10 @@ class PackageStore:
         try:
             with src:
                 sha256, size = _copy_hashing(src, fd, progress)
+            if expect is not None and sha256 != expect:
+                raise InvalidInput(
+                    f"The file '{source}' has the SHA-256 {sha256}, expected {expect}."
+                )
             os.fsync(fd)
             final = self.path_for(sha256)
             final.parent.mkdir(exist_ok=True, mode=0o755)
