@@ -3,10 +3,10 @@
 Like real devices, an endpoint opens a new connection for every poll; the
 reports and the download that follow it reuse that connection
 (:meth:`EndpointClient.session`). Responses are parsed with ``httptools``
-(never by hand) and XML answers with the server's own hardened lxml parser
-(:func:`dynupdate.protocol.hardened_parser`: no DTD, no entities, no network),
-so there is one hardening to maintain; requests are built with lxml, so every
-value is escaped.
+(never by hand); the documents are built and read by
+:mod:`dynupdate.protocol_client`, with the server's own guard and hardened
+lxml parser (no DTD, no entities, no network), so there is one hardening to
+maintain.
 
 The server is trusted by a CA file, by the system's trust store, or by a
 pinned certificate: the SHA-256 of its DER bytes, which ``dynupdate serve``
@@ -25,7 +25,6 @@ dynupdate.core.errors.InvalidInput: Invalid server URL 'ftp://example.com': use 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import hashlib
 import os
@@ -35,17 +34,20 @@ import stat
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import SplitResult, urlsplit
 
 import httptools
-from lxml import etree
 
-from dynupdate import protocol
+from dynupdate import protocol, protocol_client
 from dynupdate.core.errors import DynupdateError, InvalidInput
-from dynupdate.protocol import NoOffer, Offer
+from dynupdate.protocol import Offer
+from dynupdate.protocol_client import (
+    PollAnswer,
+    poll_document,
+    report_document,
+)
 from dynupdate.tls import normalize_fingerprint
 
 __all__ = [
@@ -61,9 +63,7 @@ __all__ = [
 
 MAX_ANSWER = 1 << 20  # bytes of an XML answer
 MAX_HEAD = 64 * 1024  # bytes of a response's status line and headers
-DEFAULT_POLL_INTERVAL = 3600
 _READ = 256 * 1024
-_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 _REPORT_TRIES = 3
 
@@ -80,18 +80,6 @@ class EndpointError(DynupdateError):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
-
-
-@dataclass(frozen=True, slots=True)
-class PollAnswer:
-    """A parsed ``<pollResponse>``: one answer per device, in the poll's order."""
-
-    poll_interval: int
-    server_time: datetime
-    answers: tuple[Offer | NoOffer, ...]
-
-    def for_serial(self, serial: str) -> Offer | NoOffer | None:
-        return next((a for a in self.answers if a.serial == serial), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,138 +109,16 @@ class ClientStats:
     errors: Counter = field(default_factory=Counter)
 
 
-# -- documents ----------------------------------------------------------------------------
-
-
-def _document(root: etree._Element) -> bytes:
-    return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
-
-
-def poll_document(endpoint: protocol.PollEndpoint, peripherals: Sequence[protocol.Device]) -> bytes:
-    """The ``<poll>`` body for an endpoint and its peripherals.
-
-    >>> poll_document(protocol.PollEndpoint("A1", "Trio", "7.2", tz="UTC"), []).decode()[39:]
-    '<poll protocol="1"><endpoint serial="A1" type="Trio" version="7.2" tz="UTC" \
-in-call="false"/></poll>'
-    """
-    root = etree.Element("poll", protocol=protocol.PROTOCOL)
-    attributes = {"serial": endpoint.serial, "type": endpoint.type, "version": endpoint.version}
-    for name in ("model", "mac", "tz"):
-        value = getattr(endpoint, name)
-        if value:
-            attributes[name] = value
-    attributes["in-call"] = "true" if endpoint.in_call else "false"
-    etree.SubElement(root, "endpoint", attributes)
-    for device in peripherals:
-        etree.SubElement(
-            root, "peripheral", serial=device.serial, type=device.type, version=device.version
-        )
-    return _document(root)
-
-
-def report_document(reports: Sequence[protocol.DeviceReport]) -> bytes:
-    """The ``<report>`` body; ``detail`` only when there is one."""
-    root = etree.Element("report", protocol=protocol.PROTOCOL)
-    for r in reports:
-        attributes = {"serial": r.serial, "type": r.type, "version": r.version, "state": r.state}
-        if r.detail:
-            attributes["detail"] = r.detail[: protocol.MAX_DETAIL]
-        etree.SubElement(root, "device", attributes)
-    return _document(root)
-
-
-def _load(body: bytes, name: str) -> etree._Element:
-    if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
-        raise EndpointError("bad-response", "The server's answer has a DOCTYPE; refused.")
-    try:
-        root = etree.fromstring(body, protocol.hardened_parser())
-    except etree.XMLSyntaxError as e:
-        raise EndpointError("bad-response", f"The server's answer is not XML: {e.msg}.") from None
-    if root.tag != name or root.get("protocol") != protocol.PROTOCOL:
-        raise EndpointError(
-            "bad-response", f'Expected <{name} protocol="1">, got <{str(root.tag)[:40]}>.'
-        )
-    return root
-
-
-def _time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
-def _attribute(element: etree._Element, name: str) -> str:
-    value = element.get(name)
-    if not value:
-        raise EndpointError("bad-response", f"<{element.tag}> lacks attribute {name}.")
-    return value
-
-
 def parse_poll_response(body: bytes) -> PollAnswer:
-    """The :class:`PollAnswer` in a ``<pollResponse>``; unknown elements are ignored.
+    """The :class:`PollAnswer` in a ``<pollResponse>``, or :class:`EndpointError` ``bad-response``.
 
-    >>> answer = parse_poll_response(b'<pollResponse protocol="1" pollInterval="60" '
-    ...     b'serverTime="2026-11-27T16:00:00Z"><noUpdate serial="A1" type="Trio" '
-    ...     b'reason="outside-window" retryAt="2026-11-27T22:10:00Z"/><future/></pollResponse>')
-    >>> answer.poll_interval, answer.answers[0].retry_at.isoformat()
-    (60, '2026-11-27T22:10:00+00:00')
+    :func:`dynupdate.protocol_client.parse_poll_response`, its refusals in the
+    endpoint's terms; unknown elements are ignored.
     """
-    root = _load(body, "pollResponse")
     try:
-        interval = int(root.get("pollInterval", ""))
-    except ValueError:
-        interval = DEFAULT_POLL_INTERVAL
-    interval = min(max(interval, 1), 7 * 86400)
-    server_time = _time(root.get("serverTime")) or datetime.now(UTC)
-    answers: list[Offer | NoOffer] = []
-    for element in root:
-        if element.tag == "update":
-            try:
-                size = int(_attribute(element, "size"))
-            except ValueError:
-                size = -1
-            sha256 = _attribute(element, "sha256")
-            url = _attribute(element, "url")
-            if size < 0 or not _SHA256.fullmatch(sha256) or not url.startswith("https://"):
-                raise EndpointError(
-                    "bad-response",
-                    f"<update> for {element.get('serial')!r} has a bad size, sha256 or url.",
-                )
-            answers.append(
-                Offer(
-                    _attribute(element, "serial"),
-                    _attribute(element, "type"),
-                    _attribute(element, "version"),
-                    size,
-                    sha256.lower(),
-                    element.get("name") or sha256.lower(),
-                    url,
-                )
-            )
-        elif element.tag == "noUpdate":
-            answers.append(
-                NoOffer(
-                    _attribute(element, "serial"),
-                    element.get("type", ""),
-                    _attribute(element, "reason"),
-                    _time(element.get("retryAt")),
-                )
-            )
-    return PollAnswer(interval, server_time, tuple(answers))
-
-
-def _error_message(body: bytes) -> str:
-    """The message of an ``<error>`` answer, if that is what ``body`` is."""
-    with contextlib.suppress(Exception):
-        if b"<!DOCTYPE" not in body and b"<!ENTITY" not in body:
-            root = etree.fromstring(body, protocol.hardened_parser())
-            if root.tag == "error":
-                return f"{root.get('code')}: {root.get('message')}"
-    return ""
+        return protocol_client.parse_poll_response(body)
+    except protocol.ProtocolError as e:
+        raise EndpointError("bad-response", e.message) from None
 
 
 # -- HTTP ---------------------------------------------------------------------------------
@@ -919,7 +785,7 @@ def _seal(part: Path, offer: Offer) -> os.stat_result:
 
 
 def _http_error(what: str, status: int, body: bytes) -> EndpointError:
-    message = _error_message(body)
+    message = protocol_client.error_message(body)
     shown = f" ({message})." if message else "."
     return EndpointError(f"http-{status}", f"The {what} request got HTTP {status}{shown}")
 

@@ -21,13 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynupdate import protocol
-from dynupdate.endpoint.client import (
-    DEFAULT_POLL_INTERVAL,
-    EndpointClient,
-    EndpointError,
-    PollAnswer,
-)
+from dynupdate.endpoint.client import EndpointClient, EndpointError
 from dynupdate.protocol import NoOffer, Offer
+from dynupdate.protocol_client import DEFAULT_POLL_INTERVAL, PollAnswer
 
 __all__ = ["DOWNLOAD_MODES", "STATUSES", "Device", "Endpoint", "Installer"]
 
