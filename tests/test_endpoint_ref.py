@@ -310,10 +310,11 @@ def test_tampered_package_is_refused_reported_and_deleted(server, tmp_path, tamp
 
 
 def test_a_body_growing_past_the_announced_size_is_cut_and_deleted(tmp_path):
-    from dynupdate.endpoint.client import ClientStats, _FileReceiver
+    from dynupdate.endpoint.files import FileReceiver
+    from dynupdate.endpoint.transport import ClientStats
 
     part, tag = tmp_path / "p.part", tmp_path / "p.etag"
-    receiver = _FileReceiver(part, tag, 0, 10, ClientStats())
+    receiver = FileReceiver(part, tag, 0, 10, ClientStats())
     receiver.begin(200, {"etag": '"abc"'})  # no Content-Length to refuse it by
     receiver.write(b"123456")
     with pytest.raises(EndpointError) as refused:

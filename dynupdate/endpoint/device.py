@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynupdate import protocol
-from dynupdate.endpoint.client import EndpointClient, EndpointError
+from dynupdate.endpoint.client import ClientSession, EndpointClient
+from dynupdate.endpoint.errors import EndpointError
 from dynupdate.protocol import NoOffer, Offer
 from dynupdate.protocol_client import DEFAULT_POLL_INTERVAL, PollAnswer
 
@@ -203,7 +204,7 @@ class Endpoint:
 
     async def _cycle(
         self,
-        link: EndpointClient,
+        link: ClientSession,
         endpoint: protocol.PollEndpoint,
         peripherals: list[protocol.Device],
     ) -> PollAnswer:
@@ -230,7 +231,7 @@ class Endpoint:
             await self._update(link, device, offer)
         return answer
 
-    async def _update(self, client: EndpointClient, device: Device, offer: Offer) -> None:
+    async def _update(self, client: ClientSession, device: Device, offer: Offer) -> None:
         self._set(device, IN_PROGRESS)
         path = None
         try:
@@ -280,7 +281,7 @@ class Endpoint:
 
     async def _report(
         self,
-        client: EndpointClient,
+        client: ClientSession,
         device: Device,
         version: str,
         state: str,
