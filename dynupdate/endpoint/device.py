@@ -225,7 +225,7 @@ class Endpoint:
                     offers.append((device, item))
             elif isinstance(item, NoOffer):
                 self._set(device, _status_of(item.reason))
-                if item.reason == "up-to-date":
+                if item.reason == protocol.UP_TO_DATE:
                     device.target, device.detail = device.version, None
         for device, offer in offers:
             await self._update(link, device, offer)
@@ -235,7 +235,7 @@ class Endpoint:
         self._set(device, IN_PROGRESS)
         path = None
         try:
-            await self._report(client, device, offer.version, "downloading")
+            await self._report(client, device, offer.version, protocol.DOWNLOADING)
             if self.download == "head":
                 await client.check(offer)
             else:
@@ -248,7 +248,7 @@ class Endpoint:
             if self.in_call:  # never installs during a call; the connection is not kept
                 client.release()
                 await self._free.wait()
-            await self._report(client, device, offer.version, "installing")
+            await self._report(client, device, offer.version, protocol.INSTALLING)
             try:
                 await self.installer(device, offer, path)
             except EndpointError:
@@ -266,7 +266,7 @@ class Endpoint:
             self._failures[(device.serial, offer.sha256)] = failures
             self._set(device, FAILED)
             with contextlib.suppress(EndpointError):
-                await self._report(client, device, offer.version, "failed", str(e))
+                await self._report(client, device, offer.version, protocol.FAILED, str(e))
             return
         finally:
             if path is not None:
@@ -276,7 +276,7 @@ class Endpoint:
         self._failures.pop((device.serial, offer.sha256), None)
         with contextlib.suppress(EndpointError):
             # Lost, the next poll still tells the server the new version.
-            await self._report(client, device, offer.version, "installed")
+            await self._report(client, device, offer.version, protocol.INSTALLED)
         self._set(device, UP_TO_DATE)
 
     async def _report(
@@ -359,8 +359,8 @@ def _transient(error: EndpointError) -> bool:
 
 
 def _status_of(reason: str) -> str:
-    if reason == "no-policy":
+    if reason == protocol.NO_POLICY:
         return NO_POLICY
-    if reason == "up-to-date":
+    if reason == protocol.UP_TO_DATE:
         return UP_TO_DATE
     return PENDING  # in-call, outside-window, and reasons later servers add
