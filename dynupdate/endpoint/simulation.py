@@ -23,7 +23,7 @@ from dynupdate.core.devices import validate_type
 from dynupdate.core.durations import parse_duration
 from dynupdate.core.errors import InvalidInput
 from dynupdate.core.versions import validate_version
-from dynupdate.endpoint.client import EndpointClient, EndpointError
+from dynupdate.endpoint.client import EndpointClient
 from dynupdate.endpoint.device import (
     IN_PROGRESS,
     NO_POLICY,
@@ -34,6 +34,7 @@ from dynupdate.endpoint.device import (
     Device,
     Endpoint,
 )
+from dynupdate.endpoint.errors import EndpointError
 from dynupdate.protocol import Offer
 
 __all__ = [
