@@ -16,7 +16,7 @@ from rich.progress import (
 )
 
 from dynupdate.cli._app import home_of, state_of
-from dynupdate.cli._output import emit_list, emit_object, say, stderr, visible
+from dynupdate.cli._output import JSON, emit_list, emit_object, say, stderr, visible
 from dynupdate.core.packages import add_package, get_package, list_packages, remove_package
 
 app = typer.Typer(help="Software packages: one image per device type and version.")
@@ -30,7 +30,6 @@ COLUMNS = [
     ("uploaded", "Uploaded"),
     ("description", "Description"),
 ]
-JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
 
 @app.command("add")

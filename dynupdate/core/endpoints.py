@@ -21,7 +21,6 @@ from dynupdate.core.versions import same_version, version_key
 
 __all__ = [
     "HISTORY_LIMIT",
-    "REPORT_STATES",
     "Forgotten",
     "Sighting",
     "StatusReport",
@@ -37,7 +36,6 @@ __all__ = [
 ]
 
 HISTORY_LIMIT = 50
-REPORT_STATES = ("downloading", "installing", "installed", "failed")
 
 
 class UnknownDevice(NotFound):
