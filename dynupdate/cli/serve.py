@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import sys
@@ -12,7 +11,7 @@ import typer
 
 from dynupdate.cli._app import home_of, state_of
 from dynupdate.cli._output import say
-from dynupdate.core.durations import parse_duration
+from dynupdate.core.durations import parse_seconds
 from dynupdate.core.errors import InvalidInput
 from dynupdate.core.home import home_locked, open_home
 
@@ -80,8 +79,10 @@ def serve(
     from dynupdate.serve import PollApp, ServeOptions
 
     home = home_of(ctx)
-    interval = _seconds(poll_interval)
-    timeout = _timeout(request_timeout)
+    interval = int(
+        parse_seconds(poll_interval, "--poll-interval", least=1, most=7 * 86400, whole=True)
+    )
+    timeout = parse_seconds(request_timeout, "--request-timeout", least=1, most=3600)
     if bind_serial and client_ca is None:
         raise InvalidInput(
             "--bind-serial needs --client-ca FILE: the serial comes from the endpoint's "
@@ -157,25 +158,3 @@ def serve(
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        try:
-            value = parse_duration(text).total_seconds()
-        except InvalidInput:
-            value = math.nan
-    if not 1 <= value <= 3600:  # NaN fails too
-        raise InvalidInput(
-            f"Invalid --request-timeout '{text}': use 1 second to 1 hour, e.g. 30 or 2m."
-        )
-    return value
-
-
-def _seconds(text: str) -> int:
-    value = int(text) if text.isdigit() else int(parse_duration(text).total_seconds())
-    if not 1 <= value <= 7 * 86400:
-        raise InvalidInput(f"Invalid --poll-interval '{text}': use 1 second to 7 days.")
-    return value

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import os
 import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +13,7 @@ from dynupdate import __version__
 from dynupdate.core import audit
 from dynupdate.core.db import DB_NAME, migrations, write
 from dynupdate.core.home import Home
-from dynupdate.core.store import CHUNK_SIZE, is_sha256
+from dynupdate.core.store import claim_temp, is_sha256
 
 __all__ = ["Finding", "Report", "check_home", "file_sha256", "schema_problems"]
 
@@ -54,11 +52,8 @@ class Report:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_SIZE):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_home(home: Home, *, repair: bool = False, hash_files: bool = True) -> Report:
@@ -103,7 +98,7 @@ def check_home(home: Home, *, repair: bool = False, hash_files: bool = True) -> 
                 report.findings.append(
                     Finding("wrong-sha256", str(path), f"{label}: content changed", False)
                 )
-    stale = [temp for temp in _temp_files(home) if not _locked(temp)]
+    stale = [temp for temp in _temp_files(home) if _unused(temp)]
     if repair:
         home.store.clean_temp()
     for temp in stale:
@@ -190,20 +185,9 @@ def _temp_files(home: Home) -> list[Path]:
     return sorted(home.store.temp_dir.iterdir())
 
 
-def _locked(path: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
+def _unused(temp: Path) -> bool:
+    with claim_temp(temp) as unused:
+        return unused
 
 
 def _remove_orphan(home: Home, path: Path, sha256: str) -> bool:

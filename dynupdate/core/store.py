@@ -134,21 +134,35 @@ class PackageStore:
         if not self.temp_dir.is_dir():
             return 0
         for temp in self.temp_dir.iterdir():
-            try:
-                fd = os.open(temp, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # an import in progress
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    temp.unlink()
-                    removed += 1
-            finally:
-                os.close(fd)
+            with claim_temp(temp) as unused:
+                if unused:  # no import in progress holds it
+                    with contextlib.suppress(FileNotFoundError):
+                        temp.unlink()
+                        removed += 1
         return removed
+
+
+@contextlib.contextmanager
+def claim_temp(temp: Path) -> Iterator[bool]:
+    """Hold a temp file's lock if no live import does: yields whether it was free.
+
+    Every import holds the lock of its temp file while it runs (see
+    :func:`_create_locked`); a file gone meanwhile yields False too.
+    """
+    try:
+        fd = os.open(temp, os.O_RDONLY)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False  # an import in progress
+        else:
+            yield True
+    finally:
+        os.close(fd)
 
 
 def _create_locked(temp: Path) -> int:
