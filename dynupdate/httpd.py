@@ -23,6 +23,7 @@ import gc
 import inspect
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -42,7 +43,7 @@ from typing import Any
 import httptools
 
 from dynupdate.core.errors import InvalidInput
-from dynupdate.tlsio import TLSTransport, wrap_server_socket
+from dynupdate.tlsio import TLSTransport, spoke_plain_http, wrap_server_socket
 
 __all__ = [
     "ERROR_CODES",
@@ -61,6 +62,7 @@ __all__ = [
     "file_response",
     "listen_sockets",
     "loop_factory",
+    "open_file_limit",
     "run",
 ]
 
@@ -78,6 +80,32 @@ LINGER_QUIET = 0.25
 LINGER_MAX = 2.0
 CLOSE_GRACE = 1.0  # seconds a connection closed for a timeout or an error gets to go
 _SLICE = 4096  # big reads are parsed in slices this long (see _feed)
+# Requests parsed ahead of the one being answered (pipelining). Past this the
+# connection stops reading, and stops parsing what it has read: a client that
+# pipelines without reading its answers holds at most this many requests and
+# one write buffer of answers, never what it manages to send.
+MAX_QUEUED = 32
+MAX_HOST = 255  # a longer Host is no host name: 400 (package URLs are built from it)
+# Descriptors a worker needs besides its connections: listening sockets, the
+# database and its WAL, logs, the loop's own, a few package files being sent.
+FD_RESERVE = 64
+# Connection failures (handshakes, plain HTTP, refusals) are logged one line
+# each, at most EVENT_BURST lines per EVENT_PERIOD seconds: a flood of them
+# cannot fill the disk. The rest are counted, and the count logged.
+EVENT_BURST = 20
+EVENT_PERIOD = 60.0
+# What an admin can do about the usual handshake failures, by OpenSSL reason.
+_HANDSHAKE_HINTS = {
+    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust the server's certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the client refused the server's certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the client refused the server's certificate",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client sent no client certificate",
+    "CERTIFICATE_VERIFY_FAILED": "the client certificate is not signed by the client CA",
+    "NO_SHARED_CIPHER": "no TLS cipher in common with the client",
+    "UNSUPPORTED_PROTOCOL": "no TLS version in common with the client (1.2 at least)",
+    "WRONG_VERSION_NUMBER": "the client does not speak TLS",
+    "UNEXPECTED_EOF_WHILE_READING": "the client closed the connection",
+}
 _READ_BUFFER = 64 * 1024
 
 ERROR_CODES = {
@@ -344,6 +372,7 @@ class _Connection(asyncio.BufferedProtocol):
         "body",
         "busy",
         "client",
+        "client_key",
         "dead",
         "deadline",
         "drain",
@@ -352,6 +381,7 @@ class _Connection(asyncio.BufferedProtocol):
         "hbytes",
         "head_size",
         "headers",
+        "held",
         "keep_closing",
         "linger_last",
         "linger_start",
@@ -381,6 +411,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.loop = server.loop
         self.app = server.app
         self.client = client
+        self.client_key: str | bytes | None = None  # counted under it in server._per_client
         self.parser = httptools.HttpRequestParser(self)
         self.transport: Any = None
         self.peer_cert: dict | None = None
@@ -402,6 +433,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.reject: _Reject | None = None
         self.fresh = False
         self.head_size = 0
+        self.held = b""  # read but not yet parsed: the queue was full
         self.sent = 0
         self.url = b""
         self.headers: dict[str, str] = {}
@@ -432,6 +464,8 @@ class _Connection(asyncio.BufferedProtocol):
         server = self.server
         server._conns.discard(self)
         server._count -= 1
+        if self.client_key is not None:
+            server._leave(self.client_key)
         drain = self.drain
         if drain is not None and not drain.done():
             drain.set_result(None)
@@ -445,8 +479,11 @@ class _Connection(asyncio.BufferedProtocol):
         return True if plain and self.busy and self.state != _CLOSING else None
 
     def pause_writing(self) -> None:
+        # The client is not reading its answers: read (and answer) nothing more
+        # from it until it does, or the write deadline drops it.
         self.write_paused = True
         self.wdeadline = self.loop.time() + self.server.write_timeout
+        self._pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -456,6 +493,14 @@ class _Connection(asyncio.BufferedProtocol):
             self.drain = None
             if not drain.done():
                 drain.set_result(None)
+        elif not self.busy:
+            # Called from inside the transport's flush: go on once it is done.
+            self.loop.call_soon(self._run_queue)
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
 
     # Reads land in one buffer shared by all connections of the server: the
     # transport calls get_buffer() and buffer_updated() back to back, and the
@@ -473,16 +518,29 @@ class _Connection(asyncio.BufferedProtocol):
             if self.lingering:
                 self.linger_last = self.loop.time()
             return  # after an error answer or a Connection: close
+        if self.held:  # only if a transport delivers data while paused
+            data = self.held + bytes(data)
+            self.held = b""
+        queue = self.queue
         if len(data) <= _SLICE:
             self._feed(data)
         else:
             view = memoryview(data)
-            for start in range(0, len(data), _SLICE):
+            size = len(data)
+            for start in range(0, size, _SLICE):
                 self._feed(view[start : start + _SLICE])
                 if self.dead:
                     break
-        if self.queue and not self.busy:
-            self._run_queue()
+                if len(queue) >= MAX_QUEUED and start + _SLICE < size:
+                    # Parsed later, when the queue has drained (a copy: the
+                    # read buffer is shared).
+                    self.held = bytes(view[start + _SLICE :])
+                    break
+        if queue:
+            if not self.busy:
+                self._run_queue()
+            if len(queue) >= MAX_QUEUED or self.held:
+                self._pause_reading()
 
     def _feed(self, data: bytes | memoryview) -> None:
         self.fresh = False
@@ -554,6 +612,9 @@ class _Connection(asyncio.BufferedProtocol):
                 411,
                 "Transfer-Encoding is not supported: send the body with a Content-Length header.",
             )
+        host = headers.get("host")
+        if host is not None and len(host) > MAX_HOST:
+            self._refuse(400, f"The Host header is longer than {MAX_HOST} characters.")
         length = headers.get("content-length")
         if length is None:
             if method in _NEEDS_LENGTH:
@@ -611,6 +672,8 @@ class _Connection(asyncio.BufferedProtocol):
     def _run_queue(self) -> None:
         queue = self.queue
         while queue and not self.busy and self.transport is not None:
+            if self.write_paused:
+                return  # resume_writing() comes back here; reading is paused meanwhile
             item = queue.popleft()
             if type(item) is _Reject:
                 self._send_reject(item)
@@ -621,14 +684,31 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _idle(self) -> None:
         """Back to reading: the keep-alive timer, or a fresh window for a half-read request."""
+        if self.held:
+            self.loop.call_soon(self._feed_held)
+            return
         now = self.loop.time()
         if self.state == _WAIT:
-            self.deadline = now + self.server.keepalive_timeout
+            server = self.server
+            if server._count < server._crowded:
+                self.deadline = now + server.keepalive_timeout
+            else:
+                self.deadline = now + server.crowded_keepalive_timeout
         else:
             self.deadline = now + self.server.request_timeout
-        if self.reading_paused:
+        if self.reading_paused and not self.write_paused:
             self.reading_paused = False
             self.transport.resume_reading()
+
+    def _feed_held(self) -> None:
+        if self.transport is None or self.busy or self.write_paused:
+            return  # closed, or whoever is busy calls _idle() again
+        if not self.held:
+            return  # scheduled twice
+        data, self.held = self.held, b""
+        self.data_received(data)
+        if not self.busy and not self.queue and self.transport is not None:
+            self._idle()
 
     def _call_app(self, request: Request, keep: int, t0: float) -> None:
         self.busy = True
@@ -918,6 +998,13 @@ class Server:
     ``request_timeout`` runs from a request's first byte to its last (the
     first request's from the end of the handshake); ``keepalive_timeout`` closes
     idle connections; ``write_timeout`` drops a client that stops reading.
+    ``max_connections`` caps open connections (handshakes included), and
+    ``max_per_client`` those from one address (an IPv6 /64 counts as one; None:
+    no cap); once three quarters of ``max_connections`` are open, idle
+    connections get ``crowded_keepalive_timeout`` instead of ``keepalive_timeout``.
+    ``access_log`` gets one line per request, ``connection_log`` one per failed
+    handshake, plain-HTTP request on the TLS port or refused connection (rate
+    limited; default: the ``dynupdate.httpd`` logger), each led by a UTC time.
     ``ssl_context=None`` serves plain HTTP (for tests and TLS-terminating proxies).
     """
 
@@ -933,7 +1020,10 @@ class Server:
         write_timeout: float = 30.0,
         shutdown_timeout: float = 10.0,
         max_connections: int = 10_000,
+        max_per_client: int | None = None,
+        crowded_keepalive_timeout: float = 10.0,
         access_log: Callable[[str], None] | None = None,
+        connection_log: Callable[[str], None] | None = None,
         error_body: ErrorBody | None = None,
         backlog: int = 1024,
     ) -> None:
@@ -946,13 +1036,16 @@ class Server:
         self.write_timeout = write_timeout
         self.shutdown_timeout = shutdown_timeout
         self.max_connections = max_connections
+        self.max_per_client = max_per_client
+        self.crowded_keepalive_timeout = min(crowded_keepalive_timeout, keepalive_timeout)
         self.access_log = access_log
+        self.connection_log = connection_log or logger.warning
         self.error_body = error_body or default_error_body
         self.backlog = backlog
         self.closing = False
         # Counters, for tests and for operators.
         self.requests = 0
-        self.refused = 0  # connections closed at once: max_connections reached
+        self.refused = 0  # connections closed at once: max_connections or max_per_client reached
         self.rejected = 0  # requests refused by a limit (4xx from the transport)
         self.timeouts = 0  # requests not received, or answers not read, in time
         self.handshake_failures = 0
@@ -963,8 +1056,16 @@ class Server:
         self._opening: set[asyncio.Task] = set()  # plain HTTP connections being set up
         self._handshaking: set[TLSTransport] = set()
         self._count = 0  # accepted and not yet closed, handshakes included
+        self._crowded = max(1, max_connections * 3 // 4)  # from here keep-alive is short
+        # Open connections per client address, when max_per_client is set.
+        self._per_client: dict[str | bytes, int] | None = {} if max_per_client else None
         self._date_second = -1
         self._date_line = ""
+        self._stamp_second = -1
+        self._stamp_text = ""
+        self._events_until = 0.0  # the end of the current EVENT_PERIOD
+        self._events = 0  # lines logged in it
+        self._events_dropped = 0  # and not logged
         self._read_view = memoryview(bytearray(_READ_BUFFER))
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._sweep_interval = max(
@@ -1045,6 +1146,7 @@ class Server:
             await asyncio.gather(*self._opening, return_exceptions=True)
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
+        self._flush_events()
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
@@ -1068,10 +1170,31 @@ class Server:
             if self._count >= self.max_connections or self.closing:
                 self.refused += 1
                 conn.close()
+                if not self.closing:
+                    self._event(
+                        addr[0], f"refused: {self._count} connections open, the server's maximum"
+                    )
                 continue
+            per_client = self._per_client
+            key = None
+            if per_client is not None:
+                host = addr[0]
+                # One host usually holds a whole IPv6 /64: count the prefix.
+                key = host if ":" not in host else socket.inet_pton(socket.AF_INET6, host)[:8]
+                already = per_client.get(key, 0)
+                if already >= self.max_per_client:  # type: ignore[operator]
+                    self.refused += 1
+                    conn.close()
+                    self._event(
+                        host, f"refused: {already} connections open from this address, the "
+                        "maximum per client",
+                    )
+                    continue
+                per_client[key] = already + 1
             self._count += 1
             conn.setblocking(False)
             protocol = _Connection(self, addr[:2])
+            protocol.client_key = key
             if self.ssl_context is None:
                 task = self.loop.create_task(self._open(conn, protocol))
                 self._opening.add(task)
@@ -1080,10 +1203,11 @@ class Server:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 conn, tls = wrap_server_socket(self.ssl_context, conn)
-            except OSError:
-                self._count -= 1
+            except OSError as exc:
+                self._gone(protocol)
                 self.handshake_failures += 1
                 conn.close()
+                self._event(addr[0], f"TLS failed to start: {exc}")
                 continue
             transport = TLSTransport(
                 self.loop,
@@ -1093,17 +1217,90 @@ class Server:
                 handshake_timeout=self.handshake_timeout,
                 opened=self._handshaking.discard,
                 failed=self._handshake_failed,
+                plain_http_answer=self._plain_http_answer,
             )
             # Registered first: the handshake may end (either way) inside start().
             self._handshaking.add(transport)
             transport.start()
 
     def _handshake_failed(self, transport: TLSTransport, exc: BaseException) -> None:
-        # Failed or timed-out handshakes (plain HTTP on the TLS port, silent
-        # clients, scanners) are routine: counted, not logged.
         self._handshaking.discard(transport)
-        self._count -= 1
+        protocol = transport.get_protocol()
+        self._gone(protocol)
         self.handshake_failures += 1
+        if self.closing:
+            return  # aborted by close()
+        reason = getattr(exc, "reason", None)
+        if spoke_plain_http(exc):
+            what = "plain HTTP on the HTTPS port: the client must use https://"
+        elif isinstance(exc, TimeoutError):
+            what = f"TLS handshake failed: not done within {self.handshake_timeout:g} s"
+        elif reason:
+            hint = _HANDSHAKE_HINTS.get(reason)
+            what = f"TLS handshake failed: {reason}" + (f" ({hint})" if hint else "")
+        elif isinstance(exc, ConnectionError | ssl.SSLEOFError):
+            what = "TLS handshake failed: the client closed the connection"
+        else:
+            what = f"TLS handshake failed: {exc}"
+        self._event(protocol.client[0], what)
+
+    def _plain_http_answer(self) -> bytes:
+        body = self._error(400, "This port speaks HTTPS only: use https://.")
+        head = (
+            f"HTTP/1.1 400 Bad Request\r\nDate: {formatdate(usegmt=True)}\r\n"
+            f"Content-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        return head.encode("latin-1") + body
+
+    def _stamp(self) -> str:
+        """The time now, ISO 8601 UTC to the second (made once a second)."""
+        now = int(time.time())
+        if now != self._stamp_second:
+            self._stamp_second = now
+            self._stamp_text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+        return self._stamp_text
+
+    def _event(self, client: str, what: str) -> None:
+        """One line about a connection that failed, unless EVENT_BURST were logged lately."""
+        now = self.loop.time()
+        if now >= self._events_until:
+            self._flush_events()
+            self._events_until = now + EVENT_PERIOD
+        if self._events >= EVENT_BURST:
+            self._events_dropped += 1
+            return
+        self._events += 1
+        self._write_event(f"{self._stamp()} {client} {_printable(what)}")
+
+    def _flush_events(self) -> None:
+        if self._events_dropped:
+            self._write_event(
+                f"{self._stamp()} {self._events_dropped} more connection failures not logged "
+                f"(at most {EVENT_BURST} lines in {EVENT_PERIOD:g} s)"
+            )
+        self._events = self._events_dropped = 0
+
+    def _write_event(self, line: str) -> None:
+        try:
+            self.connection_log(line)
+        except Exception:
+            logger.exception("The connection log failed")
+
+    def _gone(self, protocol: _Connection) -> None:
+        """A connection that never reached connection_made() is closed."""
+        self._count -= 1
+        if protocol.client_key is not None:
+            self._leave(protocol.client_key)
+
+    def _leave(self, key: str | bytes) -> None:
+        per_client = self._per_client
+        assert per_client is not None
+        left = per_client[key] - 1
+        if left:
+            per_client[key] = left
+        else:
+            del per_client[key]
 
     def _resume_accept(self, listener: socket.socket) -> None:
         if not self.closing:
@@ -1115,13 +1312,19 @@ class Server:
             await self.loop.connect_accepted_socket(lambda: protocol, conn)
         except (Exception, asyncio.CancelledError):
             if not protocol.made:
-                self._count -= 1
+                self._gone(protocol)
                 conn.close()
             self.handshake_failures += 1
 
     def _sweep(self) -> None:
         try:
             now = self.loop.time()
+            if self._count >= self._crowded:
+                # Idle connections that started waiting before the server filled up.
+                short = now + self.crowded_keepalive_timeout
+                for conn in self._conns:
+                    if conn.state == _WAIT and not conn.busy and conn.deadline > short:
+                        conn.deadline = short
             expired = [c for c in self._conns if c.deadline <= now or c.wdeadline <= now]
             for conn in expired:
                 conn._expire(now)
@@ -1143,11 +1346,28 @@ class Server:
         self, client: str, method: str, path: str, status: int, sent: int, t0: float, log: str
     ) -> None:
         ms = (self.loop.time() - t0) * 1000.0
-        line = f"{client} {method} {_printable(path)} {status} {sent} {ms:.1f}ms"
+        line = f"{self._stamp()} {client} {method} {_printable(path)} {status} {sent} {ms:.1f}ms"
         try:
             self.access_log(f"{line} {log}" if log else line)  # type: ignore[misc]
         except Exception:
             logger.exception("The access log failed")
+
+
+def open_file_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit; return the limit.
+
+    The soft limit is often 1,024, a few hundred idle connections short of
+    locking every device out; the hard limit is what the admin allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # refused (a kernel cap such as fs.nr_open below hard): keep soft
+    return soft
 
 
 def listen_sockets(
@@ -1184,6 +1404,11 @@ def listen_sockets(
             try:
                 s.bind(addr)
             except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise InvalidInput(
+                        f"Another process already listens on {addr[0]} port {addr[1]}; "
+                        "stop it or choose another --host or --port."
+                    ) from None
                 raise InvalidInput(
                     f"Cannot listen on {addr[0]} port {addr[1]}: {exc.strerror}. "
                     "Choose another --host or --port."
@@ -1258,12 +1483,16 @@ async def _serve(
     server_opts: dict[str, Any],
     reuse_port: bool,
     ready: Callable[[list[tuple[str, int]]], None] | None,
+    parent: int | None = None,
 ) -> None:
+    """Serve until SIGINT/SIGTERM or, for a worker, until ``parent`` (a pipe) reads EOF."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
+    if parent is not None:
+        loop.add_reader(parent, stop.set)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # a forked worker starts blocked
     try:
         app = app_factory()
@@ -1284,6 +1513,8 @@ async def _serve(
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
+        if parent is not None:
+            loop.remove_reader(parent)
 
 
 def _supervise(
@@ -1296,6 +1527,13 @@ def _supervise(
     ready: Callable[[list[tuple[str, int]]], None] | None,
     factory: Callable[[], asyncio.AbstractEventLoop] | None,
 ) -> None:
+    if port:
+        # SO_REUSEPORT would let the kernel spread connections over this server and
+        # any other one listening there (another home, another certificate). A probe
+        # bound without it fails while anyone listens on the address (a wildcard one
+        # included); with SO_REUSEADDR, connections in TIME_WAIT do not count.
+        for probe in listen_sockets(host, port, listen=False):
+            probe.close()
     # Bound but not listening: reserves the port (and resolves port 0) for the
     # workers' own SO_REUSEPORT sockets without taking any connection itself.
     reserved = listen_sockets(host, port, reuse_port=True, listen=False)
@@ -1303,6 +1541,9 @@ def _supervise(
     port = addresses[0][1]
     signals = {signal.SIGINT, signal.SIGTERM}
     ready_r, ready_w = os.pipe()
+    # Only the supervisor keeps the write end: when it dies, even by SIGKILL, the
+    # workers read EOF and stop, so none serves (and holds the home's lock) orphaned.
+    alive_r, alive_w = os.pipe()
     children: dict[int, float] = {}
     stopping = False
 
@@ -1316,11 +1557,12 @@ def _supervise(
             code = 1
             try:
                 os.close(ready_r)
+                os.close(alive_w)
                 for s in reserved:
                     s.close()
                 for signum in signals:
                     signal.signal(signum, signal.SIG_DFL)
-                args = (app_factory, host, port, ssl_context, server_opts, True, started)
+                args = (app_factory, host, port, ssl_context, server_opts, True, started, alive_r)
                 with asyncio.Runner(loop_factory=factory) as runner:
                     runner.run(_serve(*args))
                 code = 0
@@ -1385,7 +1627,7 @@ def _supervise(
             signal.signal(signum, handler)
         for s in reserved:
             s.close()
-        os.close(ready_r)
-        os.close(ready_w)
+        for fd in (ready_r, ready_w, alive_r, alive_w):
+            os.close(fd)
     if failure:
         raise RuntimeError(f"The server stopped: {failure}; see the errors above.")

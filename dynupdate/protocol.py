@@ -44,17 +44,28 @@ from datetime import UTC, datetime
 
 from lxml import etree
 
+# The reasons of a <noUpdate> are the decision's words, defined there once.
+from dynupdate.core.vocabulary import Reason, ReportState
+
 __all__ = [
+    "DOWNLOADING",
+    "FAILED",
     "FORBIDDEN",
+    "INSTALLED",
+    "INSTALLING",
     "INVALID_REQUEST",
+    "IN_CALL",
     "MALFORMED_XML",
     "MAX_DEPTH",
     "MAX_DETAIL",
     "MAX_DEVICES",
     "MAX_PERIPHERALS",
+    "NO_POLICY",
+    "OUTSIDE_WINDOW",
     "PROTOCOL",
     "STATES",
     "UNKNOWN_DEVICE",
+    "UP_TO_DATE",
     "Device",
     "DeviceReport",
     "NoOffer",
@@ -66,6 +77,7 @@ __all__ = [
     "error_document",
     "format_time",
     "hardened_parser",
+    "parse_document",
     "parse_poll",
     "parse_report",
     "poll_response",
@@ -78,8 +90,16 @@ INVALID_REQUEST = "invalid-request"
 # 409: a report about a device that has never polled (it polls, then reports again).
 UNKNOWN_DEVICE = "unknown-device"
 # Under --bind-serial: the 403 error code, and the reason of a peripheral's <noUpdate>.
-FORBIDDEN = "forbidden"
-STATES = ("downloading", "installing", "installed", "failed")
+FORBIDDEN = Reason.FORBIDDEN
+# The reasons and states the protocol's documents carry, from the one vocabulary.
+NO_POLICY, IN_CALL, UP_TO_DATE, OUTSIDE_WINDOW = (
+    Reason.NO_POLICY,
+    Reason.IN_CALL,
+    Reason.UP_TO_DATE,
+    Reason.OUTSIDE_WINDOW,
+)
+DOWNLOADING, INSTALLING, INSTALLED, FAILED = ReportState
+STATES = tuple(ReportState)  # in the order a device goes through them
 
 MAX_DEPTH = 32  # the root is level 1; the protocol itself needs 2
 MAX_PERIPHERALS = 64
@@ -90,9 +110,11 @@ _SHOWN = 64  # characters of a bad value quoted in an error message
 
 
 class ProtocolError(Exception):
-    """A request the protocol refuses: ``code`` is ``malformed-xml`` or ``invalid-request``.
+    """A document the protocol refuses: ``code`` is ``malformed-xml`` or ``invalid-request``.
 
-    ``message`` is one line naming the bad element, attribute and value.
+    (Or ``invalid-response``: an answer the client half refuses, see
+    :mod:`dynupdate.protocol_client`.) ``message`` is one line naming the
+    bad element, attribute and value.
     """
 
     def __init__(self, code: str, message: str) -> None:
@@ -168,7 +190,7 @@ def _parser() -> etree.XMLParser:
         return _local.parser
 
 
-hardened_parser = _parser  # public: the reference endpoint parses answers with it
+hardened_parser = _parser  # public, for anyone reading protocol XML outside parse_document
 
 
 def _too_deep(root: etree._Element) -> bool:
@@ -191,8 +213,23 @@ def _show(value: str) -> str:
     return repr(value)
 
 
-def _load(body: bytes | bytearray | memoryview | str, name: str) -> etree._Element:
-    """Parse ``body`` to its root element, which must be ``<name protocol="1">``."""
+def parse_document(
+    body: bytes | bytearray | memoryview | str, what: str = "request"
+) -> etree._Element:
+    """The root element of a protocol document, read by the one hardened guard and parser.
+
+    Both halves read with it: the server its requests, the reference
+    endpoint its answers. Refused as ``malformed-xml``: empty, not UTF-8, a
+    DOCTYPE or ENTITY declaration (before parsing, so no entity is ever
+    expanded), not well-formed, or nested deeper than :data:`MAX_DEPTH`.
+    ``what`` names the document in the messages.
+
+    >>> parse_document(b'<?xml version="1.0" encoding="UTF-16"?><poll/>', "answer")
+    Traceback (most recent call last):
+    ...
+    dynupdate.protocol.ProtocolError: malformed-xml: The XML declaration names encoding \
+'UTF-16'; send UTF-8.
+    """
     if isinstance(body, str):
         body = body.encode("utf-8", "surrogatepass")  # lone surrogates fail the check below
     elif not isinstance(body, bytes):
@@ -200,15 +237,15 @@ def _load(body: bytes | bytearray | memoryview | str, name: str) -> etree._Eleme
     if body.startswith(_BOM):
         body = body[3:]
     if not body or body.isspace():
-        raise ProtocolError(MALFORMED_XML, "The request body is empty.")
+        raise ProtocolError(MALFORMED_XML, f"The {what} body is empty.")
     try:
         if not body.isascii():  # ASCII is UTF-8: only other bytes need the check
             body.decode("utf-8")
     except UnicodeDecodeError as e:
         bad = f"byte 0x{body[e.start]:02x} at offset {e.start}"
-        raise ProtocolError(MALFORMED_XML, f"The request is not UTF-8: {bad}.") from None
+        raise ProtocolError(MALFORMED_XML, f"The {what} is not UTF-8: {bad}.") from None
     if b"\x00" in body:
-        raise ProtocolError(MALFORMED_XML, "The request contains a NUL byte; send UTF-8 XML.")
+        raise ProtocolError(MALFORMED_XML, f"The {what} contains a NUL byte; send UTF-8 XML.")
     if body.startswith(b"<?xml"):
         declared = _DECLARED_ENCODING.match(body)
         if declared and declared[2].lower() not in (b"utf-8", b"utf8"):
@@ -228,6 +265,12 @@ def _load(body: bytes | bytearray | memoryview | str, name: str) -> etree._Eleme
         raise ProtocolError(MALFORMED_XML, "A DOCTYPE or ENTITY declaration is not allowed.")
     if _too_deep(root):
         raise ProtocolError(MALFORMED_XML, f"Elements are nested deeper than {MAX_DEPTH} levels.")
+    return root
+
+
+def _load(body: bytes | bytearray | memoryview | str, name: str) -> etree._Element:
+    """Parse ``body`` to its root element, which must be ``<name protocol="1">``."""
+    root = parse_document(body)
     if root.tag != name:
         raise ProtocolError(
             INVALID_REQUEST, f"The root element is {_show(str(root.tag))}; expected <{name}>."

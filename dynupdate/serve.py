@@ -33,7 +33,7 @@ from dynupdate.core.endpoints import (
     record_report_groups,
     registered_parents,
 )
-from dynupdate.core.errors import StorageError
+from dynupdate.core.errors import StorageError, one_line
 from dynupdate.core.fleet import FleetCache, FleetState
 from dynupdate.core.home import Home
 from dynupdate.core.keys import key_for
@@ -195,7 +195,7 @@ class EndpointWriter:
                 log.error(
                     "Could not store a report of %d devices (answered 503): %s",
                     sum(len(group) for group in reports),
-                    _one_line(e),
+                    one_line(e),
                 )
                 outcomes = [e] * len(reports)
             for i, outcome in enumerate(outcomes):
@@ -219,14 +219,14 @@ class EndpointWriter:
                 return
             except Exception as e:
                 if not _unwritable(e):
-                    log.error("Could not record %d polls: %s", len(polls), _one_line(e))
+                    log.error("Could not record %d polls: %s", len(polls), one_line(e))
                     return
                 self._failing_since = time.monotonic()
                 self._next_retry = self._failing_since + RETRY_EVERY
                 self._keep(polls)
                 log.error(
                     "cannot record polls: %s; keeping %d registrations to retry",
-                    _one_line(e),
+                    one_line(e),
                     len(self._unrecorded),
                 )
                 return
@@ -245,7 +245,7 @@ class EndpointWriter:
                 if _unwritable(e):
                     self._next_retry = time.monotonic() + RETRY_EVERY
                     return
-                log.error("Could not record %d kept polls: %s", len(chunk), _one_line(e))
+                log.error("Could not record %d kept polls: %s", len(chunk), one_line(e))
             for sighting, _ in chunk:
                 del self._unrecorded[sighting.serial]
             recorded += len(chunk)
@@ -504,10 +504,6 @@ def _owner(parents: dict[str, str | None], serial: str) -> str | None:
 def _unwritable(error: Exception) -> bool:
     """The database cannot be written for now (full, read-only, locked), as opposed to a bug."""
     return isinstance(error, (sqlite3.OperationalError, StorageError))
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _settle(future: asyncio.Future, error: Exception | None) -> None:

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["TLSTransport", "wrap_server_socket"]
+__all__ = ["TLSTransport", "spoke_plain_http", "wrap_server_socket"]
 
 _HANDSHAKE, _OPEN, _CLOSED = 0, 1, 2
 _READS_PER_WAKEUP = 16  # then let other connections run
@@ -34,6 +34,13 @@ _CHUNK = 256 * 1024  # writes are cut to this, so a retried SSL_write stays boun
 _WantRead = ssl.SSLWantReadError
 _WantWrite = ssl.SSLWantWriteError
 _EOF = ssl.SSLEOFError
+# OpenSSL's reasons for a first record that is an HTTP request line, not TLS.
+_PLAIN_HTTP = frozenset(("HTTP_REQUEST", "HTTPS_PROXY_REQUEST"))
+
+
+def spoke_plain_http(exc: BaseException) -> bool:
+    """Whether a handshake failed on an HTTP request line sent in the clear (OpenSSL checks)."""
+    return getattr(exc, "reason", None) in _PLAIN_HTTP
 
 
 def wrap_server_socket(context: ssl.SSLContext, sock: socket.socket) -> tuple[Any, Any]:
@@ -59,7 +66,8 @@ class TLSTransport:
     Nothing happens before :meth:`start`. ``opened(transport)`` is called when
     the handshake succeeds, just before ``protocol.connection_made``;
     ``failed(transport, exc)`` when it fails or times out (the protocol never
-    hears of such a connection).
+    hears of such a connection). ``plain_http_answer()``, when given, makes what is
+    sent back, in the clear, to a client that spoke plain HTTP instead of TLS.
     """
 
     __slots__ = (
@@ -73,6 +81,7 @@ class TLSTransport:
         "_loop",
         "_low",
         "_opened",
+        "_plain_http_answer",
         "_protocol",
         "_protocol_paused",
         "_reader",
@@ -95,6 +104,7 @@ class TLSTransport:
         handshake_timeout: float,
         opened: Callable[[TLSTransport], None],
         failed: Callable[[TLSTransport, BaseException], None],
+        plain_http_answer: Callable[[], bytes] | None = None,
     ) -> None:
         self._loop = loop
         self._sock = sock  # also keeps it alive: the _ssl object holds a weak reference
@@ -103,6 +113,7 @@ class TLSTransport:
         self._protocol = protocol
         self._opened = opened
         self._failed = failed
+        self._plain_http_answer = plain_http_answer
         self._state = _HANDSHAKE
         self._buffer: deque[bytes] = deque()
         self._buffered = 0
@@ -138,6 +149,9 @@ class TLSTransport:
         if name == "cipher":
             return self._tls.cipher()
         return default
+
+    def get_protocol(self) -> Any:
+        return self._protocol
 
     def is_closing(self) -> bool:
         return self._closing or self._state == _CLOSED
@@ -358,8 +372,23 @@ class TLSTransport:
     def _fail(self, exc: BaseException) -> None:
         if self._state != _HANDSHAKE:
             return
+        if self._plain_http_answer is not None and spoke_plain_http(exc):
+            self._answer_plain_http()
         self._release()
         self._failed(self, exc)
+
+    def _answer_plain_http(self) -> None:
+        sock = self._sock
+        if isinstance(sock, ssl.SSLSocket):
+            return  # the public fallback: it cannot send bytes in the clear
+        with contextlib.suppress(OSError):
+            # Read what the client sent first (a little): a close with unread
+            # bytes resets the connection, which can destroy the answer.
+            for _ in range(4):
+                if not sock.recv(65536):
+                    break
+        with contextlib.suppress(OSError):
+            sock.send(self._plain_http_answer())  # type: ignore[misc]
 
     def _shutdown(self) -> None:
         # close_notify, without waiting for the peer's: the answer is complete either way.

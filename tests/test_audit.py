@@ -15,7 +15,8 @@ from datetime import timedelta
 import pytest
 
 from dynupdate.core import audit
-from dynupdate.core.db import DB_NAME, write
+from dynupdate.core.backup import MANIFEST
+from dynupdate.core.db import DB_NAME, connect, migrations, write
 from dynupdate.core.times import parse_utc, utc_now
 
 SPEC_KEYS = {"id", "time", "actor", "action", "type", "detail"}
@@ -212,8 +213,15 @@ def test_verify_names_a_changed_row(cli, make_file, home_dir):
     conn.close()
     assert "was changed" in _verify_fails_at(cli, 5)
     check = cli("check", "--json", code=3)
-    [finding] = json.loads(check.stdout)["findings"]
-    assert finding["kind"] == "audit-log" and finding["detail"].startswith("entry 5:")
+    findings = json.loads(check.stdout)["findings"]
+    [finding] = [f for f in findings if f["kind"] == "audit-log"]
+    assert finding["detail"].startswith("entry 5:")
+    # dropping the log's triggers is itself found, by the schema check
+    missing = sorted(f["detail"] for f in findings if f["kind"] == "schema")
+    assert missing == [
+        "trigger 'audit_log_no_delete' is missing",
+        "trigger 'audit_log_no_update' is missing",
+    ]
 
 
 def test_verify_names_a_row_whose_hash_was_recomputed_by_its_successor(cli, make_file, home_dir):
@@ -340,13 +348,27 @@ def test_restoring_a_backup_from_before_the_audit_log_starts_its_chain(
 ):
     cli("package", "add", make_file(b"old"), "--type", "Trio", "--version", "7.1")
     cli("backup", tmp_path / "b")
-    old = sqlite3.connect(tmp_path / "b" / DB_NAME, isolation_level=None)
-    old.execute("DROP TABLE audit_log")
-    old.execute("DROP TABLE activation_keys")
-    old.execute(
-        "DELETE FROM _sqlite_migrations WHERE name IN ('0003_audit_log', '0004_activation_keys')"
+    # The backup's database as dynupdate wrote it before the audit log (migration
+    # 0003): the same package, in a database migrated that far and no further.
+    path = tmp_path / "b" / DB_NAME
+    rows = sqlite3.connect(path).execute(
+        "SELECT type, type_key, version, name, size, sha256, description, uploaded FROM packages"
+    ).fetchall()
+    path.unlink()
+    old = connect(path)
+    migrations.apply(old, stop_before="0003_audit_log")
+    old.conn.executemany(
+        "INSERT INTO packages (type, type_key, version, name, size, sha256, description,"
+        " uploaded) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
     )
+    old.conn.commit()
     old.close()
+    # ... as written before backups recorded their database's SHA-256
+    manifest_path = tmp_path / "b" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["database_sha256"]
+    manifest_path.write_text(json.dumps(manifest))
     monkeypatch.setenv("DYNUPDATE_HOME", str(tmp_path / "restored"))
     cli("restore", tmp_path / "b")
     [entry] = _log(cli)

@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 
 from dynupdate.cli import app
 from dynupdate.endpoint import Endpoint, EndpointClient, EndpointError
-from dynupdate.endpoint.client import ClientStats, _FileReceiver
+from dynupdate.endpoint.files import FileReceiver
+from dynupdate.endpoint.transport import ClientStats
 
 CONTENT = os.urandom(200_000)
 SHA = hashlib.sha256(CONTENT).hexdigest()
@@ -150,7 +151,7 @@ def test_a_symlink_planted_between_unlink_and_create_is_refused(monkeypatch, tmp
             path.symlink_to(target)
 
     monkeypatch.setattr(Path, "unlink", unlink_then_plant)
-    receiver = _FileReceiver(part, tag, 0, 10, ClientStats())
+    receiver = FileReceiver(part, tag, 0, 10, ClientStats())
     with pytest.raises(EndpointError) as refused:
         receiver.begin(200, {"content-length": "10"})
     assert refused.value.kind == "storage"

@@ -309,11 +309,44 @@ def test_tampered_package_is_refused_reported_and_deleted(server, tmp_path, tamp
     assert client.stats.downloads == 1 and device.status == "failed"
 
 
+def test_a_session_keeps_one_connection_and_shares_the_clients_stats_and_bound(server):
+    """What ClientSession documents: its own connection and slot; shared counters and bound."""
+    from dynupdate.protocol import DeviceReport, PollEndpoint
+
+    client = client_for(server, max_connections=1)
+    me = PollEndpoint("SESSION-1", "SessionType", "1.0")
+    report = [DeviceReport("SESSION-1", "SessionType", "1.0", "installed")]
+
+    async def scenario():
+        async with client.session() as first:
+            assert first.stats is client.stats
+            await first.poll(me)
+            await first.report(report)
+            kept = (client.stats.requests, client.stats.connections)
+            # The only slot is the first session's until it ends: the second one waits
+            # for it before its request is sent (and counted).
+            second = client.session()
+            waiting = asyncio.create_task(second.poll(me))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            queued = (waiting.done(), client.stats.requests)
+        await waiting  # the first session is over: its slot is free
+        second.release()
+        return kept, queued, (client.stats.requests, client.stats.connections)
+
+    kept, queued, after = run(scenario())
+    assert kept == (2, 1), "poll and report on one connection, each request counted once"
+    assert queued == (False, 2), "the second session waits for the shared bound"
+    assert after == (3, 2)
+    assert client.stats.polls == 2 and client.stats.reports == 1 and not client.stats.errors
+
+
 def test_a_body_growing_past_the_announced_size_is_cut_and_deleted(tmp_path):
-    from dynupdate.endpoint.client import ClientStats, _FileReceiver
+    from dynupdate.endpoint.files import FileReceiver
+    from dynupdate.endpoint.transport import ClientStats
 
     part, tag = tmp_path / "p.part", tmp_path / "p.etag"
-    receiver = _FileReceiver(part, tag, 0, 10, ClientStats())
+    receiver = FileReceiver(part, tag, 0, 10, ClientStats())
     receiver.begin(200, {"etag": '"abc"'})  # no Content-Length to refuse it by
     receiver.write(b"123456")
     with pytest.raises(EndpointError) as refused:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -321,9 +322,18 @@ def test_access_log_has_one_line_per_request(serve, client_tls):
     conn.getresponse().read()
     conn.close()
     assert wait_for(lambda: len(lines) == 1)
-    assert re.fullmatch(
-        r"127\.0\.0\.1 GET /poll 204 0 \d+\.\dms serial=8211ABC up-to-date", lines[0]
+    match = re.fullmatch(
+        r"(\S+) 127\.0\.0\.1 GET /poll 204 0 \d+\.\dms serial=8211ABC up-to-date", lines[0]
     )
+    assert match, lines[0]
+    assert_recent_utc(match.group(1))
+
+
+def assert_recent_utc(text: str) -> None:
+    """``text`` is an ISO 8601 UTC time to the second, like 2026-12-02T13:04:05Z, of about now."""
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", text), text
+    when = datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - when).total_seconds()) < 60
 
 
 # ---------------------------------------------------------------------------
@@ -488,6 +498,43 @@ def test_a_client_that_never_reads_is_dropped(serve, big_file, client_tls, tmp_p
         sock.sendall(b"GET /packages/sparse HTTP/1.1\r\nHost: x\r\n\r\n")
         assert wait_for(lambda: running.server.timeouts == 1, 10)
         assert wait_for(lambda: running.server.connections == 0)
+
+
+@LOOPS
+@pytest.mark.parametrize("first", [b"GET /packages/sparse", b"GET /small"])
+def test_a_client_that_pipelines_without_reading_is_not_read(serve, client_tls, tmp_path, loop,
+                                                             first):
+    """Behind a download, or behind answers it does not read: few requests wait, none is read."""
+    sparse = tmp_path / "sparse.bin"
+    with sparse.open("wb") as handle:
+        handle.truncate(64 * 1024 * 1024)
+    waiting: list[int] = []  # requests parsed and waiting, each time the app is called
+
+    async def app(request: Request) -> Response:
+        waiting.append(max(len(conn.queue) for conn in running.server._conns))
+        if request.path == "/small":
+            return Response(200, [("Content-Type", "text/plain")], b"s" * 1000)
+        return await _serve_big(request, sparse)
+
+    running = serve(app, loop=loop)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.settimeout(2)
+    raw.connect(("127.0.0.1", running.port))
+    request = b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n"
+    limit = 32 * 1024 * 1024
+    sent = 0
+    with client_tls.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+        sock.sendall(first + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        with contextlib.suppress(TimeoutError, OSError):
+            while sent < limit:  # ends when the server stops reading: the send times out
+                sock.sendall(request * 1000)
+                sent += len(request) * 1000
+        assert sent < limit, "the server read everything a client that reads nothing sent"
+    if first == b"GET /small":  # (a download is never done: the client reads nothing)
+        assert len(waiting) > 100
+        # Parsing stops at the end of the 4 KiB slice that filled the queue.
+        assert max(waiting) < httpd.MAX_QUEUED + 4096 // len(request)
 
 
 # ---------------------------------------------------------------------------
@@ -665,7 +712,7 @@ def test_misbehaving_clients_do_not_delay_a_real_request(serve, client_tls, loop
         assert response.status == 200 and json.loads(response.read())["path"] == "/real"
         assert time.monotonic() - started < 1.0
         conn.close()
-        assert closed_within(plain, 2) is not None  # the plain-HTTP client got no answer
+        assert closed_within(plain, 2) is not None  # the plain-HTTP client: a 400, then closed
     finally:
         for sock in bad:
             sock.close()
@@ -673,13 +720,16 @@ def test_misbehaving_clients_do_not_delay_a_real_request(serve, client_tls, loop
 
 @LOOPS
 def test_silent_connections_are_closed_at_the_handshake_timeout(serve, loop):
-    running = serve(handshake_timeout=0.5, loop=loop)
+    lines: list[str] = []
+    running = serve(handshake_timeout=0.5, connection_log=lines.append, loop=loop)
     sock = socket.create_connection(("127.0.0.1", running.port), timeout=5)
     with sock:
         elapsed = closed_within(sock, 3)
     assert elapsed is not None and 0.3 < elapsed < 2
     assert wait_for(lambda: running.server.connections == 0)
     assert running.server.handshake_failures == 1
+    assert wait_for(lambda: len(lines) == 1)
+    assert lines[0].endswith(" 127.0.0.1 TLS handshake failed: not done within 0.5 s")
 
 
 def test_idle_keepalive_connections_are_closed(serve, connect):
@@ -717,6 +767,90 @@ def test_max_connections(serve, connect, loop):
     sock = connect(running)
     sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert read_response(sock.makefile("rb"))[0] == 200
+
+
+@LOOPS
+def test_connections_per_client_are_counted_until_they_close(serve, connect, loop):
+    running = serve(max_per_client=2, loop=loop)
+    for _ in range(5):  # failed handshakes give their place back
+        with socket.create_connection(("127.0.0.1", running.port), timeout=5) as plain:
+            plain.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert closed_within(plain, 3) is not None
+    assert wait_for(lambda: running.server.handshake_failures == 5)
+    kept = [connect(running) for _ in range(2)]
+    for sock in kept:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock.makefile("rb"))[0] == 200
+    with pytest.raises((OSError, ssl.SSLError)):
+        connect(running)
+    assert running.server.refused == 1
+    for sock in kept:
+        sock.close()
+    assert wait_for(lambda: running.server.connections == 0)
+    assert running.server._per_client == {}
+
+
+@LOOPS
+def test_failed_handshakes_are_logged_one_line_each(serve, loop):
+    lines: list[str] = []
+    running = serve(connection_log=lines.append, loop=loop)
+    untrusting = ssl.create_default_context()  # does not know the test CA
+    with (
+        socket.create_connection(("127.0.0.1", running.port), timeout=5) as raw,
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
+            untrusting.wrap_socket(raw, server_hostname="127.0.0.1")
+    assert wait_for(lambda: len(lines) == 1)
+    stamp, peer, what = lines[0].split(" ", 2)
+    assert_recent_utc(stamp)
+    assert peer == "127.0.0.1"
+    assert what == (
+        "TLS handshake failed: TLSV1_ALERT_UNKNOWN_CA "
+        "(the client does not trust the server's certificate)"
+    )
+
+    with socket.create_connection(("127.0.0.1", running.port), timeout=5) as plain:
+        plain.sendall(b"POST /poll HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        status, headers, body = read_response(plain.makefile("rb"))
+    assert status == 400 and headers["connection"] == "close"
+    assert "https://" in xml_error(body).get("message")
+    assert wait_for(lambda: len(lines) == 2)
+    stamp, peer, what = lines[1].split(" ", 2)
+    assert_recent_utc(stamp)
+    assert peer == "127.0.0.1"
+    assert what == "plain HTTP on the HTTPS port: the client must use https://"
+    assert running.server.handshake_failures == 2
+
+
+def test_a_flood_of_failed_handshakes_logs_a_bounded_number_of_lines(serve):
+    lines: list[str] = []
+    running = serve(connection_log=lines.append)
+    for _ in range(200):
+        with socket.create_connection(("127.0.0.1", running.port), timeout=5) as plain:
+            plain.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert plain.recv(12) == b"HTTP/1.1 400"
+    assert wait_for(lambda: running.server.handshake_failures == 200)
+    assert len(lines) == httpd.EVENT_BURST
+    running.stop()  # the count of what was not logged is logged at the end of the period
+    assert len(lines) == httpd.EVENT_BURST + 1
+    assert lines[-1].split(" ", 1)[1] == (
+        f"{200 - httpd.EVENT_BURST} more connection failures not logged "
+        f"(at most {httpd.EVENT_BURST} lines in {httpd.EVENT_PERIOD:g} s)"
+    )
+
+
+def test_keepalive_is_short_when_the_server_is_nearly_full(serve, connect):
+    running = serve(max_connections=4, keepalive_timeout=60, crowded_keepalive_timeout=0.3)
+    idle = connect(running)
+    idle.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_response(idle.makefile("rb"))[0] == 200
+    assert closed_within(idle, 1.0) is None  # 1 of 4 open: the usual keep-alive
+    others = [connect(running) for _ in range(2)]  # 3 of 4: crowded
+    for sock in others:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock.makefile("rb"))[0] == 200
+    assert closed_within(idle, 5) is not None, "an idle connection from before is closed"
+    assert all(closed_within(sock, 5) is not None for sock in others)
 
 
 @LOOPS

@@ -118,3 +118,17 @@ def test_backup_while_server_writes(cli, make_file, tmp_path, home):
     assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert copy.execute("SELECT count(*) FROM endpoints").fetchone()[0] == manifest["endpoints"]
     assert os.path.exists(tmp_path / "b" / "dynupdate-backup.json")
+
+
+def test_check_finds_a_trigger_added_to_a_live_home(cli, home_dir):
+    cli("policy", "list")  # creates the home
+    conn = sqlite3.connect(home_dir / DB_NAME)
+    conn.execute(
+        "CREATE TRIGGER keep_old AFTER UPDATE ON policies "
+        "BEGIN UPDATE policies SET version_to_use = '1.0' WHERE type_key = NEW.type_key; END"
+    )
+    conn.close()
+    result = cli("check", "--json", code=3)
+    findings = json.loads(result.stdout)["findings"]
+    assert [(f["kind"], f["repairable"]) for f in findings] == [("schema", False)]
+    assert "trigger 'keep_old'" in findings[0]["detail"]

@@ -12,7 +12,7 @@ from typer.core import TyperGroup
 
 from dynupdate import __version__
 from dynupdate.cli._output import literal, stderr
-from dynupdate.core.errors import DynupdateError
+from dynupdate.core.errors import DynupdateError, one_line
 from dynupdate.core.home import Home, open_home
 
 __all__ = ["State", "app", "home_of", "state_of"]
@@ -27,7 +27,7 @@ class DynupdateGroup(TyperGroup):
         except (DynupdateError, OSError, sqlite3.Error) as e:
             if os.environ.get("DYNUPDATE_DEBUG") == "1":
                 raise
-            stderr.print(literal(f"Error: {_one_line(e)}"))
+            stderr.print(literal(f"Error: {_message(e)}"))
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             stderr.print("Interrupted.")
@@ -40,7 +40,7 @@ class DynupdateGroup(TyperGroup):
                 raise
             stderr.print(
                 literal(
-                    f"Error: unexpected {type(e).__name__}: {_one_line(e)} "
+                    f"Error: unexpected {type(e).__name__}: {_message(e)} "
                     "(run with DYNUPDATE_DEBUG=1 for the traceback)."
                 )
             )
@@ -51,7 +51,8 @@ class DynupdateGroup(TyperGroup):
                 state.home.close()
 
 
-def _one_line(error: Exception) -> str:
+def _message(error: Exception) -> str:
+    """What the admin reads about an error: one line, saying what to do where possible."""
     if isinstance(error, DynupdateError):
         text = str(error)
     elif isinstance(error, OSError):
@@ -63,7 +64,7 @@ def _one_line(error: Exception) -> str:
         text = f"Database error: {error}."
     else:
         text = str(error)
-    return " ".join(text.split())
+    return one_line(text)
 
 
 @dataclass

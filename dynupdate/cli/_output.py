@@ -17,11 +17,26 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["Column", "emit_list", "emit_object", "literal", "say", "stderr", "stdout", "visible"]
+from dynupdate.core.rehearsal import Rehearsal
+
+__all__ = [
+    "DRY_RUN",
+    "JSON",
+    "Column",
+    "emit_list",
+    "emit_object",
+    "emit_rehearsal",
+    "literal",
+    "say",
+    "stderr",
+    "stdout",
+    "visible",
+]
 
 
 def _console(file_is_tty: bool, **options: Any) -> Console:
@@ -41,6 +56,10 @@ stdout = _console(sys.stdout.isatty())
 stderr = _console(sys.stderr.isatty(), stderr=True)
 
 Column = tuple[str, str]  # (key in the data, header shown)
+
+# The options every command that shows data, or rehearses a change, takes.
+JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
+DRY_RUN = typer.Option(False, "--dry-run", help="Change nothing: show what the change would do.")
 
 
 def visible(text: str) -> str:
@@ -150,3 +169,39 @@ def say(message: str, *, quiet: bool = False) -> None:
     """
     if not quiet:
         stderr.print(literal(message))
+
+
+REHEARSAL_COLUMNS = [
+    ("type", "Type"),
+    ("version", "Version now"),
+    ("devices", "Devices"),
+    ("offered_version", "Offered"),
+    ("offered_now", "Now"),
+    ("offered_at_next_opening", "At next opening"),
+    ("in_call", "In call"),
+    ("up_to_date", "Up to date"),
+    ("offered_version_before", "Offered before"),
+]
+
+
+def emit_rehearsal(rehearsal: Rehearsal, *, as_json: bool) -> None:
+    """A dry run: per type and current version, what would be offered, when, and who waits."""
+    data = rehearsal.to_dict()
+    if as_json:
+        emit_object(data, as_json=True)
+        return
+    emit_list(
+        data["groups"],
+        REHEARSAL_COLUMNS,
+        as_json=False,
+        title="Dry run (nothing changed)",
+        empty="No endpoint concerned has polled yet.",
+    )
+    totals = data["totals"]
+    opening = f" ({data['next_opening']})" if data["next_opening"] else ""
+    say(
+        f"Dry run: {totals['offered_now']} devices would be offered an update now, "
+        f"{totals['offered_at_next_opening']} at the next window opening{opening}; "
+        f"{totals['in_call']} excluded as in a call at their last poll; "
+        f"{totals['changed']} would get another answer to their next poll than today."
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dynupdate.cli._app import home_of, state_of
-from dynupdate.cli._output import emit_list, emit_object, say, stdout
+from dynupdate.cli._output import JSON, emit_list, emit_object, say, stdout
 from dynupdate.core.attempts import retry_device
 from dynupdate.core.durations import parse_duration
 from dynupdate.core.endpoints import forget_endpoints, get_endpoint, list_endpoints
@@ -25,7 +25,6 @@ COLUMNS = [
     ("in_call", "In call"),
     ("parent_serial", "Parent"),
 ]
-JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
 
 @app.command("list")
@@ -67,12 +66,8 @@ def show(ctx: typer.Context, serial: str = typer.Argument(...), as_json: bool = 
     if not as_json:
         if data["peripherals"]:
             emit_list(data["peripherals"], COLUMNS, as_json=False, title="Peripherals")
-        history = [
-            {"at": h["at"], "event": h["event"], "version": h["version"], "detail": h["detail"]}
-            for h in data["history"]
-        ]
         emit_list(
-            history,
+            data["history"],
             [("at", "At"), ("event", "Event"), ("version", "Version"), ("detail", "Detail")],
             as_json=False,
             title="History",

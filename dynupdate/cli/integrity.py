@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dynupdate.cli._app import home_of
-from dynupdate.cli._output import emit_list, emit_object, say
+from dynupdate.cli._output import JSON, emit_list, emit_object, say
 from dynupdate.core.integrity import check_home
 
 ATTENTION = 3  # exit status when something needs an admin
@@ -17,7 +17,7 @@ def check(
         False, "--repair", help="Remove what is safe to remove: orphan store files, stale temps."
     ),
     quick: bool = typer.Option(False, "--quick", help="Check sizes only, do not hash files."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = JSON,
 ) -> None:
     """Check the database and every package file; exit 0 when clean, 3 when attention is needed.
 

@@ -7,13 +7,12 @@ from pathlib import Path
 import typer
 
 from dynupdate.cli._app import home_of, state_of
-from dynupdate.cli._output import emit_list, emit_object, say
+from dynupdate.cli._output import JSON, emit_list, emit_object, say
 from dynupdate.core.keys import import_keys, list_keys, remove_key
 
 app = typer.Typer(help="Activation keys: sent with an update to the device they were issued for.")
 
 COLUMNS = [("serial", "Serial"), ("version", "Version"), ("key", "Key"), ("imported", "Imported")]
-JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
 
 @app.command("import")

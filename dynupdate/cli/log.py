@@ -9,7 +9,7 @@ import sqlite_utils
 import typer
 
 from dynupdate.cli._app import home_of, state_of
-from dynupdate.cli._output import emit_list, emit_object, say, stderr, stdout
+from dynupdate.cli._output import JSON, emit_list, emit_object, say, stderr, stdout
 from dynupdate.core.audit import Entry, list_entries, verify
 from dynupdate.core.durations import parse_duration
 from dynupdate.core.errors import InvalidInput
@@ -84,7 +84,7 @@ def log(
         help="Check the hash chain: exit 0 when intact, 3 naming the first bad entry; "
         "prints the newest entry's SHA-256 to keep elsewhere.",
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = JSON,
 ) -> None:
     """The audit log: every change made through the CLI or by the server, newest first.
 

@@ -10,7 +10,7 @@ from rich.live import Live
 from rich.table import Table
 
 from dynupdate.cli._app import home_of
-from dynupdate.cli._output import emit_list, literal, stdout
+from dynupdate.cli._output import JSON, emit_list, literal, stdout
 from dynupdate.core.durations import parse_duration
 from dynupdate.core.endpoints import overview as fleet_overview
 from dynupdate.core.fleet import STATUSES, load_fleet_state
@@ -59,7 +59,7 @@ def overview(
     ctx: typer.Context,
     watch: bool = typer.Option(False, "--watch", "-w", help="Follow the rollout live."),
     interval: str = typer.Option("2s", "--interval", help="Refresh period with --watch."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = JSON,
 ) -> None:
     """Per device type: the policy, endpoint counts by status and the version spread."""
     home = home_of(ctx)

@@ -18,7 +18,7 @@ from rich.progress import (
 
 import dynupdate.cli.rollout as rollout_cli
 from dynupdate.cli._app import home_of, state_of
-from dynupdate.cli._output import emit_list, emit_object, say, stderr, visible
+from dynupdate.cli._output import JSON, emit_list, emit_object, say, stderr, visible
 from dynupdate.core.gates import RolloutOptions
 from dynupdate.core.packages import (
     Package,
@@ -42,7 +42,6 @@ COLUMNS = [
     ("description", "Description"),
     ("blocked", "Blocked"),
 ]
-JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
 
 @app.command("add")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import typer
 
 from dynupdate.cli._app import home_of, state_of
-from dynupdate.cli._output import emit_list, emit_object, say
+from dynupdate.cli._output import DRY_RUN, JSON, emit_list, emit_object, emit_rehearsal, say
 from dynupdate.core.policies import disable_policy, get_policy, list_policies, set_policy
-from dynupdate.core.rehearsal import Rehearsal, rehearse_policy
+from dynupdate.core.rehearsal import rehearse_policy
 
 app = typer.Typer(help="Dynamic software update policies: which version each type runs.")
 
@@ -19,42 +19,6 @@ COLUMNS = [
     ("target_version", "Target"),
     ("packages", "Packages"),
 ]
-JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
-DRY_RUN = typer.Option(False, "--dry-run", help="Change nothing: show what the change would do.")
-REHEARSAL_COLUMNS = [
-    ("type", "Type"),
-    ("version", "Version now"),
-    ("devices", "Devices"),
-    ("offered_version", "Offered"),
-    ("offered_now", "Now"),
-    ("offered_at_next_opening", "At next opening"),
-    ("in_call", "In call"),
-    ("up_to_date", "Up to date"),
-    ("offered_version_before", "Offered before"),
-]
-
-
-def emit_rehearsal(rehearsal: Rehearsal, *, as_json: bool) -> None:
-    """A dry run: per type and current version, what would be offered, when, and who waits."""
-    data = rehearsal.to_dict()
-    if as_json:
-        emit_object(data, as_json=True)
-        return
-    emit_list(
-        data["groups"],
-        REHEARSAL_COLUMNS,
-        as_json=False,
-        title="Dry run (nothing changed)",
-        empty="No endpoint concerned has polled yet.",
-    )
-    totals = data["totals"]
-    opening = f" ({data['next_opening']})" if data["next_opening"] else ""
-    say(
-        f"Dry run: {totals['offered_now']} devices would be offered an update now, "
-        f"{totals['offered_at_next_opening']} at the next window opening{opening}; "
-        f"{totals['in_call']} excluded as in a call at their last poll; "
-        f"{totals['changed']} would get another answer to their next poll than today."
-    )
 
 
 def _describe(view) -> str:

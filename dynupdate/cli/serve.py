@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import sys
@@ -12,9 +11,9 @@ import typer
 
 from dynupdate.cli._app import home_of, state_of
 from dynupdate.cli._output import say
-from dynupdate.core.durations import parse_duration
+from dynupdate.core.durations import parse_seconds
 from dynupdate.core.errors import InvalidInput
-from dynupdate.core.home import open_home
+from dynupdate.core.home import home_locked, open_home
 
 
 def serve(
@@ -37,7 +36,19 @@ def serve(
     workers: int = typer.Option(
         0, "--workers", min=0, help="Processes sharing the port (0: one per core)."
     ),
-    max_connections: int = typer.Option(10_000, "--max-connections", min=1),
+    max_connections: int = typer.Option(
+        10_000,
+        "--max-connections",
+        min=1,
+        help="Open connections per worker; lowered at start to what the open-file limit allows.",
+    ),
+    max_per_client: int = typer.Option(
+        1_000,
+        "--max-per-client",
+        min=0,
+        help="Open connections per worker from one client address, an IPv6 /64 counting as "
+        "one (0: no cap). Devices behind one NAT address share it.",
+    ),
     request_timeout: str = typer.Option(
         "30",
         "--request-timeout",
@@ -55,7 +66,9 @@ def serve(
         "(CN or a SAN) and its own peripherals; needs --client-ca.",
     ),
     access_log: bool = typer.Option(
-        True, "--access-log/--no-access-log", help="One line per request on stderr."
+        True,
+        "--access-log/--no-access-log",
+        help="One line per request on stderr (failed connections are logged either way).",
     ),
 ) -> None:
     """Serve endpoints over HTTPS: polls, status reports and package downloads.
@@ -66,8 +79,10 @@ def serve(
     from dynupdate.serve import PollApp, ServeOptions
 
     home = home_of(ctx)
-    interval = _seconds(poll_interval)
-    timeout = _timeout(request_timeout)
+    interval = int(
+        parse_seconds(poll_interval, "--poll-interval", least=1, most=7 * 86400, whole=True)
+    )
+    timeout = parse_seconds(request_timeout, "--request-timeout", least=1, most=3600)
     if bind_serial and client_ca is None:
         raise InvalidInput(
             "--bind-serial needs --client-ca FILE: the serial comes from the endpoint's "
@@ -78,6 +93,8 @@ def serve(
             raise InvalidInput(f"Invalid {name} '{url}': use an http(s):// URL.")
     if (cert is None) != (key is None):
         raise InvalidInput("Give both --cert and --key, or neither (a self-signed one is made).")
+    # Held while the server runs; the workers it forks share it (see lock_home).
+    ctx.with_resource(home_locked(home.path, "serve", "stop it first, or use another --home."))
     if cert is None:
         cert, key = tls.ensure_self_signed(home.path)
     context = tls.server_context(cert, key, client_ca)
@@ -91,6 +108,16 @@ def serve(
         bind_serial=bind_serial,
     )
     state = state_of(ctx)
+    files = httpd.open_file_limit()
+    if max_connections > files - httpd.FD_RESERVE:
+        lowered = max(1, files - httpd.FD_RESERVE)
+        # Always shown, --quiet or not: the server then holds fewer devices than asked.
+        say(
+            f"--max-connections {max_connections} lowered to {lowered}: the limit of open "
+            f"files is {files}. Raise it (ulimit -n, or LimitNOFILE= in a systemd unit) "
+            "to hold more connections."
+        )
+        max_connections = lowered
     say(f"Certificate SHA-256 fingerprint (for --pin): {tls.fingerprint(cert)}", quiet=state.quiet)
     if client_ca is not None:
         bound = "; each speaks only for its own serial" if bind_serial else ""
@@ -122,32 +149,12 @@ def serve(
         workers=workers,
         ready=ready,
         max_connections=max_connections,
+        max_per_client=max_per_client or None,
         request_timeout=timeout,
         access_log=log_line if access_log else None,
+        connection_log=log_line,
     )
 
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        try:
-            value = parse_duration(text).total_seconds()
-        except InvalidInput:
-            value = math.nan
-    if not 1 <= value <= 3600:  # NaN fails too
-        raise InvalidInput(
-            f"Invalid --request-timeout '{text}': use 1 second to 1 hour, e.g. 30 or 2m."
-        )
-    return value
-
-
-def _seconds(text: str) -> int:
-    value = int(text) if text.isdigit() else int(parse_duration(text).total_seconds())
-    if not 1 <= value <= 7 * 86400:
-        raise InvalidInput(f"Invalid --poll-interval '{text}': use 1 second to 7 days.")
-    return value

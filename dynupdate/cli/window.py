@@ -5,15 +5,13 @@ from __future__ import annotations
 import typer
 
 from dynupdate.cli._app import home_of, state_of
-from dynupdate.cli._output import emit_object, say
-from dynupdate.cli.policy import DRY_RUN, emit_rehearsal
+from dynupdate.cli._output import DRY_RUN, JSON, emit_object, emit_rehearsal, say
 from dynupdate.core.maintenance import clear_window, load_window, save_window
 from dynupdate.core.rehearsal import rehearse_window
 from dynupdate.core.times import format_utc, utc_now
 from dynupdate.core.windows import current_opening, make_window, next_opening
 
 app = typer.Typer(help="The maintenance window: updates are offered only inside it.")
-JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
 
 def _view(window) -> dict:

@@ -12,12 +12,13 @@ datetime.timedelta(seconds=5400)
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import timedelta
 
 from dynupdate.core.errors import InvalidInput
 
-__all__ = ["format_duration", "parse_duration"]
+__all__ = ["format_duration", "parse_duration", "parse_seconds"]
 
 _UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 _PATTERN = re.compile(
@@ -30,6 +31,7 @@ _MAX_DIGITS = 15
 _MAX_DAYS = timedelta.max.days
 _MAX_SECONDS = _MAX_DAYS * 86400
 _EXAMPLES = "e.g. 30s, 90m, 4h, 1h30m"
+_NUMBER = re.compile(r"[0-9]{1,15}(?:\.[0-9]{1,9})?", re.ASCII)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -87,3 +89,49 @@ def format_duration(duration: timedelta) -> str:
     elif seconds or not parts:
         parts.append(f"{seconds}s")
     return "".join(parts)
+
+
+def parse_seconds(
+    text: str,
+    option: str,
+    *,
+    least: float | None = None,
+    most: float | None = None,
+    whole: bool = False,
+) -> float:
+    """Seconds as a number (``30``, ``0.5``) or a duration (``5s``, ``2m``, ``1h30m``).
+
+    Longer than zero, from ``least`` to ``most`` when given; ``whole`` refuses
+    fractions of a second. A refusal names the option, the value and the range.
+
+    >>> parse_seconds("0.25", "--ramp"), parse_seconds("2m", "--ramp")
+    (0.25, 120.0)
+    >>> parse_seconds("2h", "--request-timeout", least=1, most=3600)
+    Traceback (most recent call last):
+    ...
+    dynupdate.core.errors.InvalidInput: Invalid --request-timeout '2h': give seconds (30) or a \
+duration (5s, 2m, 1h30m) from 1s to 1h.
+    """
+    stripped = text.strip() if isinstance(text, str) else ""
+    if _NUMBER.fullmatch(stripped):
+        value = float(stripped)
+    else:
+        try:
+            value = parse_duration(stripped).total_seconds()
+        except InvalidInput:
+            value = math.nan  # fails every comparison below
+    low, high = least or 0.0, most if most is not None else math.inf
+    if not (value > 0 and low <= value <= high) or (whole and not value.is_integer()):
+        if most is not None:
+            span = f" from {_short(low)} to {_short(high)}"
+        else:
+            span = f" of at least {_short(low)}" if least else " longer than zero"
+        kind = "whole seconds" if whole else "seconds"
+        raise InvalidInput(
+            f"Invalid {option} '{text}': give {kind} (30) or a duration (5s, 2m, 1h30m){span}."
+        )
+    return value
+
+
+def _short(seconds: float) -> str:
+    return format_duration(timedelta(seconds=seconds))

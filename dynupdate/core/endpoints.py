@@ -22,7 +22,6 @@ from dynupdate.core.waves import bucket
 
 __all__ = [
     "HISTORY_LIMIT",
-    "REPORT_STATES",
     "Forgotten",
     "Sighting",
     "StatusReport",
@@ -38,7 +37,6 @@ __all__ = [
 ]
 
 HISTORY_LIMIT = 50
-REPORT_STATES = ("downloading", "installing", "installed", "failed")
 
 
 class UnknownDevice(NotFound):

@@ -4,7 +4,14 @@ Every message is one sentence naming the bad value and, where there is one,
 the fix, so the CLI can print it as it is.
 """
 
-__all__ = ["Conflict", "DynupdateError", "InvalidInput", "NotFound", "StorageError"]
+__all__ = [
+    "Conflict",
+    "DynupdateError",
+    "InvalidInput",
+    "NotFound",
+    "StorageError",
+    "one_line",
+]
 
 
 class DynupdateError(Exception):
@@ -25,3 +32,15 @@ class Conflict(DynupdateError):
 
 class StorageError(DynupdateError):
     """The disk or the database refused (full disk, permissions, locked too long)."""
+
+
+def one_line(error: BaseException | str) -> str:
+    r"""An error's message on one line, never empty: for logs and the CLI's one-line errors.
+
+    >>> one_line(ValueError("bad\n  value"))
+    'bad value'
+    >>> one_line(KeyError())
+    'KeyError'
+    """
+    text = " ".join(str(error).split())
+    return text if text or isinstance(error, str) else type(error).__name__

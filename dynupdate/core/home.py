@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,10 +13,12 @@ import platformdirs
 import sqlite_utils
 
 from dynupdate.core.db import open_db
-from dynupdate.core.errors import StorageError
+from dynupdate.core.errors import Conflict, StorageError
 from dynupdate.core.store import PackageStore
 
-__all__ = ["Home", "default_home", "open_home"]
+__all__ = ["LOCK_NAME", "Home", "default_home", "home_locked", "lock_home", "open_home"]
+
+LOCK_NAME = "serve.lock"
 
 
 def default_home() -> Path:
@@ -48,3 +53,42 @@ def open_home(path: Path | None = None) -> Home:
     db = open_db(path)
     store.clean_temp()
     return Home(path=path, db=db, store=store)
+
+
+def lock_home(path: Path, role: str, advice: str) -> int:
+    """Take the home's lock for this process (``role``: what it is, for the refusal message).
+
+    An OS lock (``flock``), not a PID file: the kernel drops it when the last
+    process holding it ends, ``kill -9`` included, so nothing stale can block a
+    restart. Forked workers share it, so the home stays locked while any of
+    them still serves. The file only tells a refused command who holds it.
+    Returns the descriptor; closing it (or exiting) releases the lock.
+    """
+    try:
+        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise StorageError(f"Cannot lock the home '{path}': {e.strerror or e}.") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 100, 0).decode("ascii", "replace").split()
+        os.close(fd)
+        who = (
+            f"dynupdate {holder[1]} (PID {holder[0]})"
+            if len(holder) == 2 and holder[0].isdigit() and holder[1].isalpha()
+            else "another dynupdate process"
+        )
+        raise Conflict(f"The home '{path}' is in use by {who}; {advice}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {role}\n".encode(), 0)
+    return fd
+
+
+@contextlib.contextmanager
+def home_locked(path: Path, role: str, advice: str) -> Iterator[None]:
+    """Hold the home's lock (see ``lock_home``) for the duration of a ``with`` block."""
+    fd = lock_home(path, role, advice)
+    try:
+        yield
+    finally:
+        os.close(fd)

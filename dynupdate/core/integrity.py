@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import os
+import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dynupdate.core import audit
-from dynupdate.core.db import DB_NAME, write
-from dynupdate.core.home import Home
-from dynupdate.core.store import CHUNK_SIZE, is_sha256
+import sqlite_utils
 
-__all__ = ["Finding", "Report", "check_home", "file_sha256"]
+from dynupdate import __version__
+from dynupdate.core import audit
+from dynupdate.core.db import DB_NAME, migrations, write
+from dynupdate.core.home import Home
+from dynupdate.core.store import claim_temp, is_sha256
+
+__all__ = ["Finding", "Report", "check_home", "file_sha256", "schema_problems"]
 
 
 @dataclass(frozen=True)
 class Finding:
-    # database, audit-log, missing-file, wrong-size, wrong-sha256, orphan-file, stale-temp, stray
+    # database, schema, audit-log, missing-file, wrong-size, wrong-sha256, orphan-file,
+    # stale-temp, stray
     kind: str
     path: str
     detail: str
@@ -49,11 +52,8 @@ class Report:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_SIZE):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_home(home: Home, *, repair: bool = False, hash_files: bool = True) -> Report:
@@ -68,6 +68,8 @@ def check_home(home: Home, *, repair: bool = False, hash_files: bool = True) -> 
     if problems != ["ok"]:
         for problem in problems:
             report.findings.append(Finding("database", str(home.path), problem, False))
+    for problem in schema_problems(home.db.conn):
+        report.findings.append(Finding("schema", str(home.path / DB_NAME), problem, False))
     chain = audit.verify(home.db)
     if not chain.intact:
         detail = f"entry {chain.first_bad}: {chain.problem}; see: dynupdate log --verify"
@@ -96,7 +98,7 @@ def check_home(home: Home, *, repair: bool = False, hash_files: bool = True) -> 
                 report.findings.append(
                     Finding("wrong-sha256", str(path), f"{label}: content changed", False)
                 )
-    stale = [temp for temp in _temp_files(home) if not _locked(temp)]
+    stale = [temp for temp in _temp_files(home) if _unused(temp)]
     if repair:
         home.store.clean_temp()
     for temp in stale:
@@ -123,26 +125,69 @@ def check_home(home: Home, *, repair: bool = False, hash_files: bool = True) -> 
     return report
 
 
+def schema_problems(conn: sqlite3.Connection) -> list[str]:
+    """What in this database's schema dynupdate's migrations do not create, one line each.
+
+    The expected schema is that of a blank database on which the same
+    migrations ran: a trigger, view, index or table added beside them (a
+    trigger rewriting ``policies``, say) or an object altered is named. A
+    migration this version does not know means a newer dynupdate wrote it.
+    """
+    db = sqlite_utils.Database(conn, execute_plugins=False)
+    applied = [m.name for m in migrations.applied(db)]
+    known = [m.name for m in migrations.pending(sqlite_utils.Database(memory=True))]
+    unknown = [name for name in applied if name not in known]
+    if unknown:
+        return [
+            f"migration {unknown[0]!r} is unknown to dynupdate {__version__} "
+            "(a newer version wrote this database)"
+        ]
+    if applied != known[: len(applied)]:
+        return [f"migrations applied out of order: {', '.join(applied)}"]
+    blank = sqlite_utils.Database(memory=True, execute_plugins=False)
+    try:
+        rest = known[len(applied) :]
+        migrations.apply(blank, stop_before=rest[0] if rest else None)
+        expected = _schema(blank.conn)
+    finally:
+        blank.close()
+    actual = _schema(conn)
+    problems = []
+    for key, (table, sql) in actual.items():
+        kind, name = key
+        if key not in expected:
+            problems.append(f"{kind} {name!r} is not created by dynupdate's migrations")
+        elif expected[key] != (table, sql) and table != migrations.migrations_table:
+            # The bookkeeping table of sqlite-utils is compared by name only: its
+            # SQL text depends on the sqlite-utils version that created it.
+            problems.append(f"{kind} {name!r} differs from the one dynupdate's migrations create")
+    for kind, name in expected.keys() - actual.keys():
+        problems.append(f"{kind} {name!r} is missing")
+    return problems
+
+
+# Statistics ANALYZE may leave: they steer the query planner, never a value.
+_STATISTICS = {"sqlite_stat1", "sqlite_stat4"}
+
+
+def _schema(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[str, str | None]]:
+    rows = conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY rowid")
+    return {
+        (kind, name): (table, sql)
+        for kind, name, table, sql in rows
+        if not (kind == "table" and name in _STATISTICS)
+    }
+
+
 def _temp_files(home: Home) -> list[Path]:
     if not home.store.temp_dir.is_dir():
         return []
     return sorted(home.store.temp_dir.iterdir())
 
 
-def _locked(path: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
+def _unused(temp: Path) -> bool:
+    with claim_temp(temp) as unused:
+        return unused
 
 
 def _remove_orphan(home: Home, path: Path, sha256: str) -> bool:

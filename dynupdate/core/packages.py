@@ -25,6 +25,7 @@ __all__ = [
     "get_package",
     "list_packages",
     "remove_package",
+    "require_package",
 ]
 
 MAX_DESCRIPTION = 1000
@@ -85,6 +86,17 @@ def get_package(db: sqlite_utils.Database, type_: str, version: str) -> Package:
     package = find_package(db, type_, version)
     if package is None:
         raise NotFound(f"No package {type_} {version}. See: dynupdate package list --type {type_}")
+    return package
+
+
+def require_package(db: sqlite_utils.Database, type_: str, version: str) -> Package:
+    """The package a policy is to use: refused, listing the versions there are, when absent."""
+    validate_type(type_)
+    package = find_package(db, type_, version)
+    if package is None:
+        available = [p.version for p in list_packages(db, type_)]
+        listed = ", ".join(available) if available else "none uploaded"
+        raise InvalidInput(f"No package {type_} {version} to use; available versions: {listed}.")
     return package
 
 

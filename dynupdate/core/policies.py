@@ -9,9 +9,9 @@ import sqlite_utils
 from dynupdate.core import audit
 from dynupdate.core.db import write
 from dynupdate.core.decision import Policy, target_package
-from dynupdate.core.devices import type_key, validate_type
-from dynupdate.core.errors import InvalidInput, NotFound
-from dynupdate.core.packages import Package, find_package, list_packages
+from dynupdate.core.devices import type_key
+from dynupdate.core.errors import NotFound
+from dynupdate.core.packages import Package, list_packages, require_package
 from dynupdate.core.rollout_records import refuse_during_rollout
 from dynupdate.core.times import format_utc, utc_now
 
@@ -105,15 +105,8 @@ def set_policy(
     ``allow_newer=None`` keeps the current flag (off for a new policy). Setting
     what is already set changes nothing and appends nothing to the audit log.
     """
-    validate_type(type_)
     with write(db):
-        package = find_package(db, type_, version)
-        if package is None:
-            available = [p.version for p in list_packages(db, type_)]
-            listed = ", ".join(available) if available else "none uploaded"
-            raise InvalidInput(
-                f"No package {type_} {version} to use; available versions: {listed}."
-            )
+        package = require_package(db, type_, version)
         refuse_during_rollout(db, package.type, "the policy is frozen until it ends")
         current = load_policies(db).get(type_key(type_))
         if allow_newer is None:

@@ -20,10 +20,9 @@ from datetime import datetime
 import sqlite_utils
 
 from dynupdate.core.decision import Policy, is_satisfied, target_package
-from dynupdate.core.devices import type_key, validate_type
-from dynupdate.core.errors import InvalidInput
+from dynupdate.core.devices import type_key
 from dynupdate.core.fleet import FleetState, TypeState, load_fleet_state
-from dynupdate.core.packages import find_package, list_packages
+from dynupdate.core.packages import require_package
 from dynupdate.core.times import format_utc, utc_now
 from dynupdate.core.versions import version_key
 from dynupdate.core.windows import Window, is_open, next_opening
@@ -112,12 +111,7 @@ def rehearse_policy(
 
     ``allow_newer=None`` keeps the current flag (exact for a new policy).
     """
-    validate_type(type_)
-    package = find_package(db, type_, version)
-    if package is None:
-        available = [p.version for p in list_packages(db, type_)]
-        listed = ", ".join(available) if available else "none uploaded"
-        raise InvalidInput(f"No package {type_} {version} to use; available versions: {listed}.")
+    package = require_package(db, type_, version)
     current = load_fleet_state(db)
     kind = current.of(type_)
     if allow_newer is None:

@@ -66,9 +66,16 @@ class PackageStore:
 
     @contextlib.contextmanager
     def stage(
-        self, source: Path, progress: Callable[[int], None] | None = None
+        self,
+        source: Path,
+        progress: Callable[[int], None] | None = None,
+        *,
+        expect: str | None = None,
     ) -> Iterator[StagedFile]:
-        """Copy ``source`` into the store; the temp copy lives until the block ends."""
+        """Copy ``source`` into the store; the temp copy lives until the block ends.
+
+        ``expect``: the SHA-256 the bytes copied must have, else nothing is linked.
+        """
         self.ensure()
         temp = self.temp_dir / f"{uuid.uuid4().hex}.part"
         try:
@@ -87,6 +94,10 @@ class PackageStore:
         try:
             with src:
                 sha256, size = _copy_hashing(src, fd, progress)
+            if expect is not None and sha256 != expect:
+                raise InvalidInput(
+                    f"The file '{source}' has the SHA-256 {sha256}, expected {expect}."
+                )
             os.fsync(fd)
             final = self.path_for(sha256)
             final.parent.mkdir(exist_ok=True, mode=0o755)
@@ -123,21 +134,35 @@ class PackageStore:
         if not self.temp_dir.is_dir():
             return 0
         for temp in self.temp_dir.iterdir():
-            try:
-                fd = os.open(temp, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # an import in progress
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    temp.unlink()
-                    removed += 1
-            finally:
-                os.close(fd)
+            with claim_temp(temp) as unused:
+                if unused:  # no import in progress holds it
+                    with contextlib.suppress(FileNotFoundError):
+                        temp.unlink()
+                        removed += 1
         return removed
+
+
+@contextlib.contextmanager
+def claim_temp(temp: Path) -> Iterator[bool]:
+    """Hold a temp file's lock if no live import does: yields whether it was free.
+
+    Every import holds the lock of its temp file while it runs (see
+    :func:`_create_locked`); a file gone meanwhile yields False too.
+    """
+    try:
+        fd = os.open(temp, os.O_RDONLY)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False  # an import in progress
+        else:
+            yield True
+    finally:
+        os.close(fd)
 
 
 def _create_locked(temp: Path) -> int:

@@ -17,12 +17,16 @@ simulate`` runs thousands of them to rehearse a rollout.
 
     asyncio.run(main())
 
-Modules: :mod:`~dynupdate.endpoint.client` (HTTP/TLS, documents, trust),
+Modules: :mod:`~dynupdate.endpoint.client` (the protocol's requests; a
+client and its sessions), :mod:`~dynupdate.endpoint.transport` (HTTP/TLS,
+trust), :mod:`~dynupdate.endpoint.files` (the download's files),
 :mod:`~dynupdate.endpoint.device` (the endpoint's behaviour) and
-:mod:`~dynupdate.endpoint.simulation` (a fleet of them). None imports typer or rich.
+:mod:`~dynupdate.endpoint.simulation` (a fleet of them); the documents are
+:mod:`dynupdate.protocol_client`. None imports typer or rich.
 """
 
 from dynupdate.endpoint.client import (
+    ClientSession,
     ClientStats,
     EndpointClient,
     EndpointError,
@@ -36,6 +40,7 @@ from dynupdate.protocol import NoOffer, Offer
 __all__ = [
     "DOWNLOAD_MODES",
     "STATUSES",
+    "ClientSession",
     "ClientStats",
     "Device",
     "Endpoint",

@@ -21,13 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynupdate import protocol
-from dynupdate.endpoint.client import (
-    DEFAULT_POLL_INTERVAL,
-    EndpointClient,
-    EndpointError,
-    PollAnswer,
-)
+from dynupdate.endpoint.client import ClientSession, EndpointClient
+from dynupdate.endpoint.errors import EndpointError
 from dynupdate.protocol import NoOffer, Offer
+from dynupdate.protocol_client import DEFAULT_POLL_INTERVAL, PollAnswer
 
 __all__ = ["DOWNLOAD_MODES", "STATUSES", "Device", "Endpoint", "Installer"]
 
@@ -207,7 +204,7 @@ class Endpoint:
 
     async def _cycle(
         self,
-        link: EndpointClient,
+        link: ClientSession,
         endpoint: protocol.PollEndpoint,
         peripherals: list[protocol.Device],
     ) -> PollAnswer:
@@ -228,17 +225,17 @@ class Endpoint:
                     offers.append((device, item))
             elif isinstance(item, NoOffer):
                 self._set(device, _status_of(item.reason))
-                if item.reason == "up-to-date":
+                if item.reason == protocol.UP_TO_DATE:
                     device.target, device.detail = device.version, None
         for device, offer in offers:
             await self._update(link, device, offer)
         return answer
 
-    async def _update(self, client: EndpointClient, device: Device, offer: Offer) -> None:
+    async def _update(self, client: ClientSession, device: Device, offer: Offer) -> None:
         self._set(device, IN_PROGRESS)
         path = None
         try:
-            await self._report(client, device, offer.version, "downloading")
+            await self._report(client, device, offer.version, protocol.DOWNLOADING)
             if self.download == "head":
                 await client.check(offer)
             else:
@@ -251,7 +248,7 @@ class Endpoint:
             if self.in_call:  # never installs during a call; the connection is not kept
                 client.release()
                 await self._free.wait()
-            await self._report(client, device, offer.version, "installing")
+            await self._report(client, device, offer.version, protocol.INSTALLING)
             try:
                 await self.installer(device, offer, path)
             except EndpointError:
@@ -269,7 +266,7 @@ class Endpoint:
             self._failures[(device.serial, offer.sha256)] = failures
             self._set(device, FAILED)
             with contextlib.suppress(EndpointError):
-                await self._report(client, device, offer.version, "failed", str(e))
+                await self._report(client, device, offer.version, protocol.FAILED, str(e))
             return
         finally:
             if path is not None:
@@ -279,12 +276,12 @@ class Endpoint:
         self._failures.pop((device.serial, offer.sha256), None)
         with contextlib.suppress(EndpointError):
             # Lost, the next poll still tells the server the new version.
-            await self._report(client, device, offer.version, "installed")
+            await self._report(client, device, offer.version, protocol.INSTALLED)
         self._set(device, UP_TO_DATE)
 
     async def _report(
         self,
-        client: EndpointClient,
+        client: ClientSession,
         device: Device,
         version: str,
         state: str,
@@ -362,8 +359,8 @@ def _transient(error: EndpointError) -> bool:
 
 
 def _status_of(reason: str) -> str:
-    if reason == "no-policy":
+    if reason == protocol.NO_POLICY:
         return NO_POLICY
-    if reason == "up-to-date":
+    if reason == protocol.UP_TO_DATE:
         return UP_TO_DATE
     return PENDING  # in-call, outside-window, and reasons later servers add

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynupdate.core.devices import validate_type
-from dynupdate.core.durations import parse_duration
+from dynupdate.core.durations import parse_seconds
 from dynupdate.core.errors import InvalidInput
 from dynupdate.core.versions import validate_version
-from dynupdate.endpoint.client import EndpointClient, EndpointError
+from dynupdate.endpoint.client import EndpointClient
 from dynupdate.endpoint.device import (
     IN_PROGRESS,
     NO_POLICY,
@@ -34,6 +34,7 @@ from dynupdate.endpoint.device import (
     Device,
     Endpoint,
 )
+from dynupdate.endpoint.errors import EndpointError
 from dynupdate.protocol import Offer
 
 __all__ = [
@@ -49,7 +50,6 @@ __all__ = [
 
 MILESTONES = (50, 90, 100)
 _PERCENT = re.compile(r"([0-9]+(?:\.[0-9]+)?)%?")
-_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 _RATE_WINDOW = 5.0  # seconds over which the live polls/s is measured
 
 
@@ -73,26 +73,6 @@ def parse_percent(text: str, option: str) -> float:
     if not 0 <= value <= 100:
         raise InvalidInput(f"Invalid {option} '{text}': give a percentage from 0% to 100%.")
     return value
-
-
-def parse_seconds(text: str, option: str) -> float:
-    """Seconds as a number (``0.5``) or a duration (``5s``, ``2m``, ``1h30m``).
-
-    >>> parse_seconds("0.25", "--poll-interval"), parse_seconds("2m", "--poll-interval")
-    (0.25, 120.0)
-    """
-    stripped = text.strip()
-    if _SECONDS.fullmatch(stripped):
-        value = float(stripped)
-        if value <= 0:
-            raise InvalidInput(f"Invalid {option} '{text}': it must be longer than zero.")
-        return value
-    try:
-        return parse_duration(stripped).total_seconds()
-    except InvalidInput:
-        raise InvalidInput(
-            f"Invalid {option} '{text}': give seconds (0.5) or a duration (5s, 2m, 1h30m)."
-        ) from None
 
 
 def parse_fleet(text: str, option: str = "--fleet") -> tuple[Share, ...]:
