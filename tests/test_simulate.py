@@ -115,7 +115,7 @@ def test_closed_window_holds_the_fleet_and_opening_it_moves_everyone(start_serve
         loop = asyncio.get_running_loop()
         run = asyncio.create_task(simulation.run(until_done=True, duration=50))
         deadline = loop.time() + 20
-        while simulation.totals["waiting"] and loop.time() < deadline:
+        while simulation.totals["not-polled"] and loop.time() < deadline:
             await asyncio.sleep(0.05)  # until every endpoint had its answer
         await asyncio.sleep(1.5)  # a bounded observation: nothing may move meanwhile
         held = dict(simulation.totals), client.stats.heads, client.stats.reports
@@ -207,7 +207,7 @@ def test_until_done_not_reached_exits_1(start_server, tmp_path):
         "--json",
         code=1,
     )  # fmt: skip
-    assert json.loads(result.stdout)["counts"]["waiting"] == 3
+    assert json.loads(result.stdout)["counts"]["not_polled"] == 3
     assert "Not done after" in result.stderr and "3 devices" in result.stderr
     assert cli_json(home, "endpoint", "list") == [], "no poll was sent during the calls"
 

@@ -31,7 +31,7 @@ TYPE_COLUMNS = [
     ("in_progress", "In progress"),
     ("failed", "Failed"),
     ("no_policy", "No policy"),
-    ("waiting", "Not polled yet"),
+    ("not_polled", "Not polled yet"),
 ]
 
 
@@ -113,7 +113,7 @@ def simulate(
         emit_object(shown, as_json=False, title="Rehearsal")
         emit_list(summary["types"], TYPE_COLUMNS, as_json=False, title="Devices by type")
     if until_done and not summary["done"]:
-        left = sum(summary["counts"][k] for k in ("waiting", "pending", "in_progress"))
+        left = sum(summary["counts"][k] for k in ("not_polled", "pending", "in_progress"))
         say(f"Not done after {summary['elapsed_seconds']:g} s: {left} devices still to update.")
         raise typer.Exit(1)
 

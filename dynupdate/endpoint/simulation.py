@@ -23,17 +23,9 @@ from dynupdate.core.devices import validate_type
 from dynupdate.core.durations import parse_duration
 from dynupdate.core.errors import InvalidInput
 from dynupdate.core.versions import validate_version
+from dynupdate.core.vocabulary import Status
 from dynupdate.endpoint.client import EndpointClient, EndpointError
-from dynupdate.endpoint.device import (
-    IN_PROGRESS,
-    NO_POLICY,
-    PENDING,
-    STATUSES,
-    UP_TO_DATE,
-    WAITING,
-    Device,
-    Endpoint,
-)
+from dynupdate.endpoint.device import NOT_POLLED, STATUSES, Device, Endpoint
 from dynupdate.protocol import Offer
 
 __all__ = [
@@ -209,10 +201,10 @@ def build_fleet(
 
 
 def _failing(serials: set[str], installer):
-    async def install(device: Device, offer: Offer, path: Path | None) -> None:
+    async def install(device: Device, offer: Offer, path: Path | None) -> str | None:
         if device.serial in serials:
             raise EndpointError("install", "simulated install failure")
-        await installer(device, offer, path)
+        return await installer(device, offer, path)
 
     return install
 
@@ -376,14 +368,15 @@ class Simulation:
         return (self.ended or time.monotonic()) - self.started
 
     def on_target_percent(self) -> float | None:
-        managed = self.devices - self.totals[NO_POLICY]
+        managed = self.devices - self.totals[Status.NO_POLICY]
         if managed <= 0:
             return None
-        return 100.0 * self.totals[UP_TO_DATE] / managed
+        return 100.0 * self.totals[Status.UP_TO_DATE] / managed
 
     def is_done(self) -> bool:
         """Every device has answered and is up to date, failed or without a policy."""
-        return not (self.totals[WAITING] or self.totals[PENDING] or self.totals[IN_PROGRESS])
+        unsettled = (NOT_POLLED, Status.PENDING, Status.IN_PROGRESS)
+        return not any(self.totals[status] for status in unsettled)
 
     def polls_per_second(self) -> float:
         """Over the last few seconds while running; over the whole run once it ended."""
