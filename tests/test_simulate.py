@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -275,8 +276,9 @@ def test_revert_version_reports_installed_then_polls_on_the_old_version(start_se
         events = history(home, endpoint["serial"])
         if ("version-changed", "7.1.0") in events:
             reverted.append(endpoint["serial"])
-            installed = events.index(("installed", "7.2.0"))
-            assert events.index(("version-changed", "7.1.0")) > installed, events
+            # Its next poll after the installed report: no other event between them.
+            back = (("installed", "7.2.0"), ("version-changed", "7.1.0"))
+            assert back in itertools.pairwise(events), events
         else:
             assert endpoint["version"] == "7.2.0" and events[-1] == ("installed", "7.2.0"), events
     assert len(reverted) == 3, "each of the three came back on 7.1.0 after installing 7.2.0"
@@ -297,7 +299,7 @@ def test_brick_version_devices_go_silent_after_installing(start_server, tmp_path
     )  # fmt: skip
     assert summary["silent"] == 2 and summary["to_update"] == 0, summary
     assert summary["counts"]["in-progress"] == 2 and summary["counts"]["up-to-date"] == 8
-    assert summary["polls"] > 8 * 5, "the others kept polling all along"
+    assert summary["polls"] > 8 * 3, "the others kept polling all along"
     silent = []
     for endpoint in cli_json(home, "endpoint", "list"):
         shown = cli_json(home, "endpoint", "show", endpoint["serial"])
