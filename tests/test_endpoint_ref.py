@@ -524,7 +524,7 @@ def test_poll_response_ignores_unknown_parts():
     )
     assert answer.poll_interval == 30 and answer.answers[0].reason == "paused-by-admin"
     endpoint = Endpoint("A", "T", "1")
-    assert endpoint.device.status == "waiting"
+    assert endpoint.device.status == "not-polled"
 
 
 def test_an_install_that_raises_is_reported_failed_with_its_reason(server, tmp_path):

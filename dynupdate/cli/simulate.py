@@ -26,12 +26,14 @@ __all__ = ["simulate"]
 TYPE_COLUMNS = [
     ("type", "Type"),
     ("devices", "Devices"),
-    ("up_to_date", "On target"),
+    ("up-to-date", "On target"),
     ("pending", "Pending"),
-    ("in_progress", "In progress"),
+    ("in-progress", "In progress"),
     ("failed", "Failed"),
-    ("no_policy", "No policy"),
-    ("waiting", "Not polled yet"),
+    ("no-policy", "No policy"),
+    ("not_polled", "Not polled yet"),
+    ("waiting", "Waiting"),
+    ("held", "Held"),
 ]
 
 
@@ -58,6 +60,19 @@ def simulate(
     in_call: str = typer.Option("0%", "--in-call", help="Share of endpoints in a call at start."),
     call_length: str = typer.Option("1m", "--call-length", help="Longest call (each 50-100%)."),
     fail: str = typer.Option("0%", "--fail", help="Share of devices whose install fails."),
+    fail_version: str | None = typer.Option(
+        None, "--fail-version", help="Installs of V fail on P% of T's devices: T=V:P%,…"
+    ),
+    revert_version: str | None = typer.Option(
+        None,
+        "--revert-version",
+        help="P% of T's devices report V installed, then poll on their old version: T=V:P%,…",
+    ),
+    brick_version: str | None = typer.Option(
+        None,
+        "--brick-version",
+        help="P% of T's devices report installing V, then go silent for good: T=V:P%,…",
+    ),
     poll_interval: str | None = typer.Option(
         None, "--poll-interval", help="Override the server's pollInterval: 5s, 0.5 (seconds)."
     ),
@@ -95,6 +110,9 @@ def simulate(
             in_call=in_call,
             call_length=call_length,
             fail=fail,
+            fail_version=fail_version,
+            revert_version=revert_version,
+            brick_version=brick_version,
             poll_interval=poll_interval,
             download=download.value,
             concurrency=concurrency,
@@ -111,11 +129,17 @@ def simulate(
         shown = {k: v for k, v in summary.items() if k != "types"}
         shown["errors"] = shown["errors"] or "none"
         emit_object(shown, as_json=False, title="Rehearsal")
-        emit_list(summary["types"], TYPE_COLUMNS, as_json=False, title="Devices by type")
+        rows = [_flat(row) for row in summary["types"]]
+        emit_list(rows, TYPE_COLUMNS, as_json=False, title="Devices by type")
     if until_done and not summary["done"]:
-        left = sum(summary["counts"][k] for k in ("waiting", "pending", "in_progress"))
+        left = summary["to_update"]
         say(f"Not done after {summary['elapsed_seconds']:g} s: {left} devices still to update.")
         raise typer.Exit(1)
+
+
+def _flat(row: dict) -> dict:
+    """A type's row with its counts beside its other columns, for a table."""
+    return {**{k: v for k, v in row.items() if k != "counts"}, **row["counts"]}
 
 
 async def _run(simulation: Simulation, until_done: bool, limit: float | None) -> dict:
@@ -157,6 +181,6 @@ def _view(simulation: Simulation) -> Group:
     table = Table(header_style="bold", box=None)
     for key, header in TYPE_COLUMNS:
         table.add_column(header, justify="left" if key == "type" else "right")
-    for row in simulation.types():
+    for row in map(_flat, simulation.types()):
         table.add_row(*(literal(row[key]) for key, _ in TYPE_COLUMNS))
     return Group(head, Text(bar + shown), table)

@@ -6,6 +6,9 @@ while in a call and polls as soon as the call ends. For every ``<update>`` it
 reports ``downloading``, downloads (resuming) and verifies the package,
 reports ``installing``, installs (after the call, if one started meanwhile)
 and reports ``installed`` with the new version, or ``failed`` with a detail.
+During a staged rollout it is told ``staged`` (its wave is not open: status
+``waiting``), ``held`` (its attempts are used up) or ``rate-limited`` (come
+back at ``retryAt``, not before).
 """
 
 from __future__ import annotations
@@ -21,20 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynupdate import protocol
+from dynupdate.core.vocabulary import Reason, ReportState, Status
 from dynupdate.endpoint.client import ClientSession, EndpointClient
 from dynupdate.endpoint.errors import EndpointError
 from dynupdate.protocol import NoOffer, Offer
 from dynupdate.protocol_client import DEFAULT_POLL_INTERVAL, PollAnswer
 
-__all__ = ["DOWNLOAD_MODES", "STATUSES", "Device", "Endpoint", "Installer"]
+__all__ = ["DOWNLOAD_MODES", "NOT_POLLED", "STATUSES", "Device", "Endpoint", "Installer"]
 
-WAITING = "waiting"  # has not had an answer yet
-NO_POLICY = "no-policy"
-UP_TO_DATE = "up-to-date"
-PENDING = "pending"  # should update and has not started (offered, outside window, in call)
-IN_PROGRESS = "in-progress"
-FAILED = "failed"
-STATUSES = (WAITING, NO_POLICY, UP_TO_DATE, PENDING, IN_PROGRESS, FAILED)
+# Only the device knows it has had no answer yet; the rest are the server's words.
+NOT_POLLED = "not-polled"
+STATUSES = (NOT_POLLED, *Status)
 DOWNLOAD_MODES = ("full", "head")
 
 
@@ -49,20 +49,24 @@ class Device:
     serial: str
     type: str
     version: str
-    status: str = WAITING
+    status: str = NOT_POLLED
     target: str | None = None
     detail: str | None = None
 
 
-Installer = Callable[[Device, Offer, Path | None], Awaitable[None]]
+Installer = Callable[[Device, Offer, Path | None], Awaitable[str | None]]
 """Installs a verified package (``None`` with ``download="head"``); raises to fail.
 
 The path is the very file that was hashed, read-only (0400), in the private
 work directory: no other user can change or replace it after verification.
+It returns the version the device runs afterwards, or ``None`` for the
+offered one: a device whose new image fails to boot and falls back to the
+old one returns the old version. The install is reported ``installed``
+either way (it was); the next poll tells the server the version it runs.
 """
 
 
-async def _no_install(device: Device, offer: Offer, path: Path | None) -> None:
+async def _no_install(device: Device, offer: Offer, path: Path | None) -> str | None:
     return None
 
 
@@ -209,6 +213,12 @@ class Endpoint:
         peripherals: list[protocol.Device],
     ) -> PollAnswer:
         answer = await link.poll(endpoint, peripherals)
+        for device, offer in self._answered(answer):
+            await self._update(link, device, offer)
+        return answer
+
+    def _answered(self, answer: PollAnswer) -> list[tuple[Device, Offer]]:
+        """Take in a poll's answer: each device's status; the offers to act on, in order."""
         self.last_answer = answer
         self._server_interval = answer.poll_interval
         offers = []
@@ -219,23 +229,21 @@ class Endpoint:
             if isinstance(item, Offer):
                 device.target = item.version
                 if self._failures.get((device.serial, item.sha256), 0) >= self.max_attempts:
-                    self._set(device, FAILED)  # given up on this package
+                    self._set(device, Status.FAILED)  # given up on this package
                 else:
-                    self._set(device, PENDING)
+                    self._set(device, Status.PENDING)
                     offers.append((device, item))
             elif isinstance(item, NoOffer):
                 self._set(device, _status_of(item.reason))
-                if item.reason == protocol.UP_TO_DATE:
+                if item.reason == Reason.UP_TO_DATE:
                     device.target, device.detail = device.version, None
-        for device, offer in offers:
-            await self._update(link, device, offer)
-        return answer
+        return offers
 
     async def _update(self, client: ClientSession, device: Device, offer: Offer) -> None:
-        self._set(device, IN_PROGRESS)
+        self._set(device, Status.IN_PROGRESS)
         path = None
         try:
-            await self._report(client, device, offer.version, protocol.DOWNLOADING)
+            await self._report(client, device, offer.version, ReportState.DOWNLOADING)
             if self.download == "head":
                 await client.check(offer)
             else:
@@ -248,9 +256,9 @@ class Endpoint:
             if self.in_call:  # never installs during a call; the connection is not kept
                 client.release()
                 await self._free.wait()
-            await self._report(client, device, offer.version, protocol.INSTALLING)
+            await self._report(client, device, offer.version, ReportState.INSTALLING)
             try:
-                await self.installer(device, offer, path)
+                running = await self.installer(device, offer, path)
             except EndpointError:
                 raise
             except Exception as e:
@@ -260,24 +268,26 @@ class Endpoint:
             if _transient(e):
                 # The network, not the package: the next poll tries again, resuming
                 # what was downloaded, and it does not count as a failed attempt.
-                self._set(device, PENDING)
+                self._set(device, Status.PENDING)
                 return
             failures = self._failures.get((device.serial, offer.sha256), 0) + 1
             self._failures[(device.serial, offer.sha256)] = failures
-            self._set(device, FAILED)
+            self._set(device, Status.FAILED)
             with contextlib.suppress(EndpointError):
-                await self._report(client, device, offer.version, protocol.FAILED, str(e))
+                await self._report(client, device, offer.version, ReportState.FAILED, str(e))
             return
         finally:
             if path is not None:
                 path.unlink(missing_ok=True)
-        device.version = offer.version
+        device.version = running or offer.version
         device.detail = None
         self._failures.pop((device.serial, offer.sha256), None)
         with contextlib.suppress(EndpointError):
             # Lost, the next poll still tells the server the new version.
-            await self._report(client, device, offer.version, protocol.INSTALLED)
-        self._set(device, UP_TO_DATE)
+            await self._report(client, device, offer.version, ReportState.INSTALLED)
+        # Fell back to the old image: the next poll says so, and is offered the update again.
+        reverted = device.version != offer.version
+        self._set(device, Status.PENDING if reverted else Status.UP_TO_DATE)
 
     async def _report(
         self,
@@ -316,6 +326,11 @@ class Endpoint:
         ``retryAt`` is read against the answer's ``serverTime``, so a device with
         a wrong clock still comes back at the right moment; a little jitter is
         added so devices the server spread over the same second do not all come.
+        A ``rate-limited`` device comes back at its ``retryAt`` and never sooner,
+        even when its poll interval is shorter: polling earlier would only be
+        refused again. The many devices such a limit turns away may all be given
+        the same slot, so they spread over a tenth of the wait (jitter 0.1), at
+        least a minute's tenth.
         """
         interval = self._interval(answer)
         delay = self._spread(interval)
@@ -324,6 +339,14 @@ class Endpoint:
             wait = max((min(retries) - answer.server_time).total_seconds(), 0.0)
             wait += self.rng.uniform(0, self.jitter * min(interval, 60.0))
             delay = min(delay, wait)
+        limited = [
+            a.retry_at
+            for a in answer.answers
+            if isinstance(a, NoOffer) and a.reason == Reason.RATE_LIMITED and a.retry_at
+        ]
+        if limited:
+            wait = max((min(limited) - answer.server_time).total_seconds(), 0.0)
+            delay = max(delay, wait + self.rng.uniform(0, self.jitter * max(wait, 60.0)))
         return delay
 
     async def _sleep(self, delay: float) -> None:
@@ -358,9 +381,18 @@ def _transient(error: EndpointError) -> bool:
     return error.kind.startswith("http-5")
 
 
+_STATUS_OF_REASON = {
+    Reason.NO_POLICY: Status.NO_POLICY,
+    Reason.UP_TO_DATE: Status.UP_TO_DATE,
+    Reason.STAGED: Status.WAITING,
+    Reason.HELD: Status.HELD,
+}
+
+
 def _status_of(reason: str) -> str:
-    if reason == protocol.NO_POLICY:
-        return NO_POLICY
-    if reason == protocol.UP_TO_DATE:
-        return UP_TO_DATE
-    return PENDING  # in-call, outside-window, and reasons later servers add
+    """What a ``<noUpdate>`` means for the device's status.
+
+    ``pending`` for ``in-call``, ``outside-window``, ``rate-limited`` (it
+    should update and has not started) and for reasons later servers add.
+    """
+    return _STATUS_OF_REASON.get(reason, Status.PENDING)

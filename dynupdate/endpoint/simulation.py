@@ -4,6 +4,8 @@
 [('GroupSeries', '6.2.1', 70.0), ('Trio', '7.1.0', 30.0)]
 >>> split_counts(10, parse_fleet("A=1:70%,B=1:30%"))
 [7, 3]
+>>> parse_faults("GroupSeries=6.2.2:5%", "--fail-version")
+(Fault(kind='fail', type='GroupSeries', version='6.2.2', percent=5.0),)
 """
 
 from __future__ import annotations
@@ -22,26 +24,23 @@ from pathlib import Path
 from dynupdate.core.devices import validate_type
 from dynupdate.core.durations import parse_seconds
 from dynupdate.core.errors import InvalidInput
-from dynupdate.core.versions import validate_version
+from dynupdate.core.versions import same_version, validate_version
+from dynupdate.core.vocabulary import Status
 from dynupdate.endpoint.client import EndpointClient
-from dynupdate.endpoint.device import (
-    IN_PROGRESS,
-    NO_POLICY,
-    PENDING,
-    STATUSES,
-    UP_TO_DATE,
-    WAITING,
-    Device,
-    Endpoint,
-)
+from dynupdate.endpoint.device import NOT_POLLED, Device, Endpoint
 from dynupdate.endpoint.errors import EndpointError
 from dynupdate.protocol import Offer
 
 __all__ = [
+    "FAULT_OPTIONS",
     "MILESTONES",
+    "Fault",
     "Share",
+    "Silenced",
     "Simulation",
     "build_fleet",
+    "parse_fault_options",
+    "parse_faults",
     "parse_fleet",
     "parse_percent",
     "parse_seconds",
@@ -51,6 +50,9 @@ __all__ = [
 MILESTONES = (50, 90, 100)
 _PERCENT = re.compile(r"([0-9]+(?:\.[0-9]+)?)%?")
 _RATE_WINDOW = 5.0  # seconds over which the live polls/s is measured
+# Still to move: a run is done when no device is in one of these (silent ones aside).
+_UNSETTLED = (NOT_POLLED, Status.WAITING, Status.PENDING, Status.IN_PROGRESS)
+FAULT_OPTIONS = {"fail": "--fail-version", "revert": "--revert-version", "brick": "--brick-version"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,31 @@ class Share:
     type: str
     version: str
     percent: float
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Installs of ``version`` on ``percent`` of the devices of ``type`` go wrong, by ``kind``.
+
+    ``fail``: the install fails (reported ``failed``). ``revert``: it is
+    reported ``installed``, then the device runs its old version again (its
+    next poll says so). ``brick``: the device reports ``installing``, then its
+    endpoint never polls or reports again (a peripheral's takes the endpoint
+    with it: a simulated peripheral cannot leave its endpoint's polls).
+    """
+
+    kind: str
+    type: str
+    version: str
+    percent: float
+
+
+class Silenced(BaseException):
+    """Raised by a bricked device's installer: its endpoint's task ends, sending nothing more.
+
+    Not an :class:`Exception`, so no error handler on the way takes it for a
+    failed install and reports it.
+    """
 
 
 def parse_percent(text: str, option: str) -> float:
@@ -92,27 +119,7 @@ def parse_fleet(text: str, option: str = "--fleet") -> tuple[Share, ...]:
         )
     parsed: list[tuple[str, str, float | None]] = []
     for item in items:
-        type_, eq, rest = item.partition("=")
-        version, colon, share = rest.rpartition(":") if ":" in rest else (rest, "", "")
-        if not eq or not type_ or not version:
-            raise InvalidInput(
-                f"Invalid {option} '{text}': {item!r} is not TYPE=VERSION[:P%], "
-                "e.g. GroupSeries=6.2.1:70%."
-            )
-        try:
-            validate_type(type_)
-            validate_version(version)
-        except InvalidInput as e:
-            raise InvalidInput(f"Invalid {option} '{text}': {e}") from None
-        percent = None
-        if colon:
-            match = _PERCENT.fullmatch(share)
-            percent = float(match[1]) if match else -1.0
-            if not 0 <= percent <= 100:
-                raise InvalidInput(
-                    f"Invalid {option} '{text}': the share {share!r} is not a percentage "
-                    "from 0% to 100%."
-                )
+        type_, version, percent = _item(text, item, option)
         if any(t.lower() == type_.lower() and v == version for t, v, _ in parsed):
             raise InvalidInput(f"Invalid {option} '{text}': {type_}={version} is given twice.")
         parsed.append((type_, version, percent))
@@ -122,6 +129,70 @@ def parse_fleet(text: str, option: str = "--fleet") -> tuple[Share, ...]:
         raise InvalidInput(f"Invalid {option} '{text}': the shares add up to {given:g}%, not 100%.")
     rest = (100 - given) / len(open_parts) if open_parts else 0.0
     return tuple(Share(t, v, p if p is not None else rest) for t, v, p in parsed)
+
+
+def parse_faults(text: str, option: str) -> tuple[Fault, ...]:
+    """``TYPE=VERSION:P%,…`` of ``--fail-version``, ``--revert-version`` or ``--brick-version``.
+
+    >>> parse_faults("Trio=7.2.0", "--brick-version")
+    Traceback (most recent call last):
+    ...
+    dynupdate.core.errors.InvalidInput: Invalid --brick-version 'Trio=7.2.0': 'Trio=7.2.0' \
+needs a share, TYPE=VERSION:P%, e.g. GroupSeries=6.2.2:5%.
+    """
+    kind = next(k for k, name in FAULT_OPTIONS.items() if name == option)
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or not all(items):
+        raise InvalidInput(
+            f"Invalid {option} '{text}': use TYPE=VERSION:P%,… e.g. GroupSeries=6.2.2:5%."
+        )
+    faults: list[Fault] = []
+    for item in items:
+        type_, version, percent = _item(text, item, option)
+        if percent is None:
+            raise InvalidInput(
+                f"Invalid {option} '{text}': {item!r} needs a share, TYPE=VERSION:P%, "
+                "e.g. GroupSeries=6.2.2:5%."
+            )
+        if any(f.type.lower() == type_.lower() and f.version == version for f in faults):
+            raise InvalidInput(f"Invalid {option} '{text}': {type_}={version} is given twice.")
+        faults.append(Fault(kind, type_, version, percent))
+    return tuple(faults)
+
+
+def parse_fault_options(**texts: str | None) -> tuple[Fault, ...]:
+    """The faults of ``fail=``, ``revert=`` and ``brick=`` (the options' texts, or None)."""
+    return tuple(
+        fault
+        for kind, text in texts.items()
+        if text is not None
+        for fault in parse_faults(text, FAULT_OPTIONS[kind])
+    )
+
+
+def _item(text: str, item: str, option: str) -> tuple[str, str, float | None]:
+    """One ``TYPE=VERSION[:P%]`` of a list option: its parts, checked."""
+    type_, eq, rest = item.partition("=")
+    version, colon, share = rest.rpartition(":") if ":" in rest else (rest, "", "")
+    if not eq or not type_ or not version:
+        raise InvalidInput(
+            f"Invalid {option} '{text}': {item!r} is not TYPE=VERSION[:P%], "
+            "e.g. GroupSeries=6.2.1:70%."
+        )
+    try:
+        validate_type(type_)
+        validate_version(version)
+    except InvalidInput as e:
+        raise InvalidInput(f"Invalid {option} '{text}': {e}") from None
+    if not colon:
+        return type_, version, None
+    match = _PERCENT.fullmatch(share)
+    percent = float(match[1]) if match else -1.0
+    if not 0 <= percent <= 100:
+        raise InvalidInput(
+            f"Invalid {option} '{text}': the share {share!r} is not a percentage from 0% to 100%."
+        )
+    return type_, version, percent
 
 
 def split_counts(total: int, shares: Sequence[Share]) -> list[int]:
@@ -142,6 +213,7 @@ def build_fleet(
     peripheral_shares: Sequence[Share] = (),
     in_call: float = 0.0,
     fail: float = 0.0,
+    faults: Sequence[Fault] = (),
     prefix: str = "SIM",
     seed: int | None = None,
     **options,
@@ -149,8 +221,10 @@ def build_fleet(
     """``count`` endpoints of the shares, with ``peripherals`` each drawn from theirs.
 
     ``in_call`` percent of the endpoints start in a call; installs fail on
-    ``fail`` percent of all devices. Returns the endpoints and the serials of
-    those in a call. ``options`` go to every :class:`Endpoint`.
+    ``fail`` percent of all devices; each :class:`Fault` strikes its share
+    of the devices of its type (drawn for each fault on its own). Returns
+    the endpoints and the serials of those in a call. ``options`` go to
+    every :class:`Endpoint`.
     """
     rng = random.Random(seed)
     width = max(6, len(str(count)))
@@ -185,14 +259,44 @@ def build_fleet(
     calling = rng.sample(fleet, round(count * in_call / 100))
     for endpoint in calling:
         endpoint.start_call()
+    struck: dict[str, list[Fault]] = {}  # serial → the faults it suffers
+    for fault in faults:
+        kind = [d.serial for d in devices if d.type.lower() == fault.type.lower()]
+        for serial in rng.sample(kind, round(len(kind) * fault.percent / 100)):
+            struck.setdefault(serial, []).append(fault)
+    for endpoint in fleet:
+        if any(d.serial in struck for d in endpoint.devices):
+            endpoint.installer = _faulty(struck, endpoint.installer)
     return fleet, {e.serial for e in calling}
 
 
 def _failing(serials: set[str], installer):
-    async def install(device: Device, offer: Offer, path: Path | None) -> None:
+    async def install(device: Device, offer: Offer, path: Path | None) -> str | None:
         if device.serial in serials:
             raise EndpointError("install", "simulated install failure")
-        await installer(device, offer, path)
+        return await installer(device, offer, path)
+
+    return install
+
+
+_GRAVITY = {"brick": 0, "fail": 1, "revert": 2}  # a device struck twice for one version
+
+
+def _faulty(struck: dict[str, list[Fault]], installer):
+    async def install(device: Device, offer: Offer, path: Path | None) -> str | None:
+        hits = [
+            f
+            for f in struck.get(device.serial, ())
+            if f.type.lower() == device.type.lower() and same_version(f.version, offer.version)
+        ]
+        kinds = sorted((f.kind for f in hits), key=_GRAVITY.__getitem__)
+        if kinds and kinds[0] == "brick":
+            raise Silenced(device.serial)
+        if kinds and kinds[0] == "fail":
+            raise EndpointError("install", f"simulated install failure of {offer.version}")
+        old = device.version
+        running = await installer(device, offer, path)
+        return old if kinds else running
 
     return install
 
@@ -202,7 +306,9 @@ class Simulation:
 
     Status counts per device type are kept up to date on every change, so
     the times to 50/90/100 % on target are exact. "On target" means
-    up-to-date among the devices that have a policy.
+    up-to-date among the devices that have a policy. A bricked endpoint's
+    devices keep the status they had when it went silent (``silent`` counts
+    them); a run is done without them.
     """
 
     def __init__(
@@ -226,6 +332,8 @@ class Simulation:
         self.started: float | None = None
         self.ended: float | None = None
         self.done = asyncio.Event()
+        self.silent = 0  # devices of endpoints that went silent
+        self._silent_unsettled = 0  # of those, the ones left in an unsettled status
         self._samples: deque[tuple[float, int]] = deque()
         for endpoint in self.fleet:
             endpoint.on_status = self._changed
@@ -248,6 +356,9 @@ class Simulation:
         in_call: str = "0%",
         call_length: str = "1m",
         fail: str = "0%",
+        fail_version: str | None = None,
+        revert_version: str | None = None,
+        brick_version: str | None = None,
         poll_interval: str | None = None,
         download: str = "full",
         concurrency: int = 200,
@@ -279,6 +390,9 @@ class Simulation:
             peripheral_shares=extra,
             in_call=parse_percent(in_call, "--in-call"),
             fail=parse_percent(fail, "--fail"),
+            faults=parse_fault_options(
+                fail=fail_version, revert=revert_version, brick=brick_version
+            ),
             prefix=prefix,
             seed=seed,
             download=download,
@@ -315,7 +429,7 @@ class Simulation:
                 timers.append(loop.call_later(length, endpoint.end_call))
         tasks = [
             asyncio.create_task(
-                e.run(self.client, first_delay=self.rng.uniform(0, self.ramp) if self.ramp else 0)
+                self._keep(e, first_delay=self.rng.uniform(0, self.ramp) if self.ramp else 0)
             )
             for e in self.fleet
         ]
@@ -333,6 +447,15 @@ class Simulation:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*tasks, *waits, return_exceptions=True)
         return self.summary()
+
+    async def _keep(self, endpoint: Endpoint, first_delay: float) -> None:
+        try:
+            await endpoint.run(self.client, first_delay=first_delay)
+        except Silenced:
+            self.silent += len(endpoint.devices)
+            self._silent_unsettled += sum(d.status in _UNSETTLED for d in endpoint.devices)
+            if self.is_done():
+                self.done.set()
 
     def _changed(self, device: Device, old: str) -> None:
         counts = self.counts[device.type]
@@ -356,14 +479,22 @@ class Simulation:
         return (self.ended or time.monotonic()) - self.started
 
     def on_target_percent(self) -> float | None:
-        managed = self.devices - self.totals[NO_POLICY]
+        managed = self.devices - self.totals[Status.NO_POLICY]
         if managed <= 0:
             return None
-        return 100.0 * self.totals[UP_TO_DATE] / managed
+        return 100.0 * self.totals[Status.UP_TO_DATE] / managed
+
+    def to_update(self) -> int:
+        """Devices still to move: not polled yet, waiting, pending or in progress (not silent)."""
+        return sum(self.totals[status] for status in _UNSETTLED) - self._silent_unsettled
 
     def is_done(self) -> bool:
-        """Every device has answered and is up to date, failed or without a policy."""
-        return not (self.totals[WAITING] or self.totals[PENDING] or self.totals[IN_PROGRESS])
+        """Every device has answered and is up to date, failed, held or without a policy.
+
+        Devices ``waiting`` for their wave of a rollout are not done; those
+        of an endpoint that went silent are.
+        """
+        return self.to_update() == 0
 
     def polls_per_second(self) -> float:
         """Over the last few seconds while running; over the whole run once it ended."""
@@ -378,6 +509,7 @@ class Simulation:
         return (polls - before) / (now - then) if now > then else 0.0
 
     def types(self) -> list[dict]:
+        """Per device type: ``devices``, ``not_polled`` and ``counts`` keyed by status value."""
         rows = []
         for name in sorted(self.counts, key=str.lower):
             counts = self.counts[name]
@@ -385,7 +517,8 @@ class Simulation:
                 {
                     "type": name,
                     "devices": sum(counts.values()),
-                    **{status.replace("-", "_"): counts[status] for status in STATUSES},
+                    "not_polled": counts[NOT_POLLED],
+                    "counts": {status.value: counts[status] for status in Status},
                 }
             )
         return rows
@@ -416,6 +549,9 @@ class Simulation:
             "bytes_downloaded": stats.bytes_downloaded,
             "errors": dict(sorted(stats.errors.items())),
             "error_count": sum(stats.errors.values()),
-            "counts": {status.replace("-", "_"): self.totals[status] for status in STATUSES},
+            "not_polled": self.totals[NOT_POLLED],
+            "silent": self.silent,
+            "to_update": self.to_update(),
+            "counts": {status.value: self.totals[status] for status in Status},
             "types": self.types(),
         }
