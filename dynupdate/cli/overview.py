@@ -15,6 +15,7 @@ from dynupdate.core.durations import parse_duration
 from dynupdate.core.endpoints import overview as fleet_overview
 from dynupdate.core.fleet import STATUSES, load_fleet_state
 from dynupdate.core.times import format_utc, utc_now
+from dynupdate.core.vocabulary import Status
 
 
 def _bar(percent: float | None, width: int = 12) -> str:
@@ -25,13 +26,30 @@ def _bar(percent: float | None, width: int = 12) -> str:
     return f"{'█' * full}{'░' * (width - full)} {percent:.0f}%"
 
 
+def rollout_brief(rollout: dict | None) -> str:
+    """A type's active rollout in a cell.
+
+    >>> rollout_brief({"version": "6.3.0", "state": "halted", "wave": 2, "waves": ["1%", "10%"]})
+    '6.3.0 halted, wave 2/2 (10%)'
+    """
+    if rollout is None:
+        return "—"
+    wave, waves = rollout["wave"], rollout["waves"]
+    return f"{rollout['version']} {rollout['state']}, wave {wave}/{len(waves)} ({waves[wave - 1]})"
+
+
 def _table(rows: list[dict]) -> Group:
     table = Table(
         title=literal(f"Dynamic software update — {format_utc(utc_now())}", "table.title"),
         title_justify="left",
         header_style="bold",
     )
-    for header in ("Type", "Policy", "Target", "Endpoints", *STATUSES, "On target", "Versions"):
+    # The rollout columns only while some type has a rollout: waiting and held
+    # exist only then, and the table stays narrow enough for a terminal.
+    rolling = any(row["rollout"] for row in rows)
+    statuses = [s for s in STATUSES if rolling or s not in (Status.WAITING, Status.HELD)]
+    headers = ["Type", "Policy", "Target", *(["Rollout"] if rolling else []), "Endpoints"]
+    for header in (*headers, *statuses, "On target", "Versions"):
         table.add_column(header, overflow="fold")
     for row in rows:
         if row["active"]:
@@ -46,8 +64,9 @@ def _table(rows: list[dict]) -> Group:
             row["type"],
             policy,
             row["target_version"] or "—",
+            *([rollout_brief(row["rollout"])] if rolling else []),
             row["endpoints"],
-            *(row["counts"][s] for s in STATUSES),
+            *(row["counts"][s] for s in statuses),
             bar,
             spread or "—",
         )
