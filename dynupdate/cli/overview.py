@@ -8,6 +8,7 @@ import typer
 from rich.console import Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from dynupdate.cli._app import home_of
 from dynupdate.cli._output import emit_list, literal, stdout
@@ -26,16 +27,21 @@ def _bar(percent: float | None, width: int = 12) -> str:
     return f"{'█' * full}{'░' * (width - full)} {percent:.0f}%"
 
 
-def rollout_brief(rollout: dict | None) -> str:
-    """A type's active rollout in a cell.
+def rollout_brief(rollout: dict | None) -> Text:
+    """A type's active rollout in a cell of two lines: version and state, then the wave.
 
-    >>> rollout_brief({"version": "6.3.0", "state": "halted", "wave": 2, "waves": ["1%", "10%"]})
-    '6.3.0 halted, wave 2/2 (10%)'
+    >>> print(rollout_brief({"version": "6.3.0", "state": "halted", "wave": 2,
+    ...                      "waves": ["1%", "10%"]}))
+    6.3.0 halted
+    wave 2/2 (10%)
     """
     if rollout is None:
-        return "—"
+        return literal("—")
     wave, waves = rollout["wave"], rollout["waves"]
-    return f"{rollout['version']} {rollout['state']}, wave {wave}/{len(waves)} ({waves[wave - 1]})"
+    state = literal(rollout["state"], "bold red" if rollout["state"] == "halted" else "")
+    return Text.assemble(
+        literal(f"{rollout['version']} "), state, f"\nwave {wave}/{len(waves)} ({waves[wave - 1]})"
+    )
 
 
 def _table(rows: list[dict]) -> Group:
@@ -70,7 +76,8 @@ def _table(rows: list[dict]) -> Group:
             bar,
             spread or "—",
         )
-        table.add_row(*map(literal, cells))  # types and versions are as devices sent them
+        # Types and versions are as devices sent them: every cell is literal text.
+        table.add_row(*(cell if isinstance(cell, Text) else literal(cell) for cell in cells))
     return Group(table)
 
 
