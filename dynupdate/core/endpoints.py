@@ -638,13 +638,16 @@ def _rollout_corrections(
             (key, share),
         ):
             move(version, state, report_version, count, Standing(bucket=BUCKETS - 1 - base.bucket))
-    # The bucket a device is counted with now: its side of the border, as corrected.
-    side = f"CASE WHEN e.bucket < {share} THEN 0 ELSE {BUCKETS - 1} END"
+
+    def side(column: str) -> str:
+        """The bucket a device is counted with now: its side of the border, as corrected."""
+        return f"CASE WHEN {column} < {share} THEN 0 ELSE {BUCKETS - 1} END"
+
     held = "(d.failures >= ? AND d.open_at IS NULL AND d.succeeded_at IS NULL)"
     attempted = "(d.attempts > 0 OR d.failures > 0)"
     # CROSS JOIN: from the rollout's rows to their endpoints, never the other way.
     in_rollout = db.execute(
-        f"SELECT e.version, e.report_state, e.report_version, {side}, {TRIAL_OF},"
+        f"SELECT e.version, e.report_state, e.report_version, {side('e.bucket')}, {TRIAL_OF},"
         f" {held}, {attempted}, count(*) FROM rollout_devices d CROSS JOIN endpoints e"
         " ON e.serial = d.serial WHERE d.rollout_id = ? AND e.type_key = ?"
         " GROUP BY 1, 2, 3, 4, 5, 6, 7",
@@ -659,7 +662,7 @@ def _rollout_corrections(
         " WHERE +e.type_key = ? UNION SELECT e.serial, e.version, e.report_state,"
         " e.report_version, e.bucket FROM trial_devices t CROSS JOIN endpoints e"
         " ON e.parent_serial = t.serial WHERE +e.type_key = ?)"
-        f" SELECT version, report_state, report_version, {side.replace('e.', '')}, 1, 0, 0,"
+        f" SELECT version, report_state, report_version, {side('bucket')}, 1, 0, 0,"
         " count(*) FROM trial_rows r WHERE NOT EXISTS (SELECT 1 FROM rollout_devices d"
         " WHERE d.rollout_id = ? AND d.serial = r.serial) GROUP BY 1, 2, 3, 4",
         (key, key, active.id),

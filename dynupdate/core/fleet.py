@@ -101,10 +101,10 @@ class FleetState:
     ) -> Status:
         """The update status, derived from the policy or rollout now and what the device last said.
 
-        For a type with an active rollout the status also depends on the device's
-        ``standing`` (bucket, trial, held) and whether it has an ``attempted`` in
-        the rollout; without a standing the device counts as in bucket 9999, not
-        a trial device and never offered the rollout's version.
+        For a type with an active rollout it also depends on the device's
+        ``standing`` (bucket, trial, held) and on ``attempted``, whether it has an
+        attempt in the rollout; without a standing the device counts as one in
+        the last bucket, not a trial device, not held.
         """
         kind = self.of(type_)
         if kind.rollout is None:
