@@ -18,6 +18,11 @@ under 1 s with 1,000,000 endpoints.
 
     .venv/bin/python bench/overview_1m.py                  # 1,000,000 endpoints
     .venv/bin/python bench/overview_1m.py --endpoints 100000 --repeat 5
+    .venv/bin/python bench/overview_1m.py --rollout   # a GroupSeries rollout in its 10% wave
+
+With ``--rollout`` a GroupSeries rollout runs in its second wave: the
+statuses of that type then depend on each device's bucket, trial membership
+and attempts, not only on its version and last report.
 """
 
 from __future__ import annotations
@@ -94,6 +99,8 @@ def _pick(rng: random.Random, weights: dict):
 
 def endpoint_rows(count: int, seed: int = 1, now: datetime | None = None):
     """Rows for ``endpoints`` and ``endpoint_history``: serial EP00000000, EP00000001, …"""
+    from dynupdate.core.waves import bucket
+
     rng = random.Random(seed)
     now = now or datetime.now(UTC)
     last_base = now - timedelta(hours=2)
@@ -138,7 +145,65 @@ def endpoint_rows(count: int, seed: int = 1, now: datetime | None = None):
             state,
             report_version,
             detail,
+            bucket(parent or serial),
         )
+
+
+ROLLOUT_VERSION = "6.3.0"  # GroupSeries, rolled out with --rollout
+# A rollout's devices in its open waves: (attempts, failures, open, succeeded) and weights.
+ATTEMPTS = {None: 40, (1, 0, True, False): 25, (1, 0, False, True): 25, (1, 1, False, False): 6,
+            (3, 3, False, False): 4}  # fmt: skip
+
+
+def start_rollout(home: Path, workdir: Path) -> None:
+    """Start a GroupSeries rollout through the CLI and open its second wave (10 %)."""
+    path = workdir / f"GroupSeries-{ROLLOUT_VERSION}.pup"
+    path.write_bytes(b"GroupSeries next\n" * 64)
+    dynupdate(home, "package", "add", str(path), "--type", "GroupSeries",
+              "--version", ROLLOUT_VERSION)  # fmt: skip
+    dynupdate(home, "rollout", "start", "GroupSeries", "--version", ROLLOUT_VERSION)
+    dynupdate(home, "rollout", "advance", "GroupSeries")
+
+
+def fill_attempts(db_path: Path, seed: int = 2) -> int:
+    """Attempts for the admitted GroupSeries devices, and 20 trial devices; returns the rows."""
+    rng = random.Random(seed)
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout = 15000")
+        conn.execute("BEGIN IMMEDIATE")
+        (rollout_id,) = conn.execute("SELECT max(id) FROM rollouts").fetchone()
+        admitted = conn.execute(
+            "SELECT serial, bucket FROM endpoints WHERE type_key = 'groupseries' AND bucket < 1000"
+        ).fetchall()
+        rows = []
+        for serial, lead in admitted:
+            attempt = _pick(rng, ATTEMPTS)
+            if attempt is None:
+                continue
+            attempts, failures, open_, succeeded = attempt
+            rows.append((rollout_id, serial, lead, stamp, attempts, failures,
+                         stamp if open_ else None, 0.0 if open_ else None,
+                         stamp if succeeded else None, stamp if failures else None))  # fmt: skip
+        conn.executemany(
+            "INSERT INTO rollout_devices (rollout_id, serial, bucket, offered_at, attempts,"
+            " failures, open_at, open_stopped, succeeded_at, failed_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        trial = conn.execute(
+            "SELECT serial FROM endpoints WHERE type_key = 'groupseries' AND bucket >= 5000"
+            " LIMIT 20"
+        ).fetchall()
+        conn.executemany(
+            "INSERT INTO trial_devices (serial, added_at) VALUES (?, ?)",
+            [(serial, stamp) for (serial,) in trial],
+        )
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return len(rows)
 
 
 def fill_endpoints(db_path: Path, count: int, seed: int = 1) -> float:
@@ -155,8 +220,8 @@ def fill_endpoints(db_path: Path, count: int, seed: int = 1) -> float:
             conn.executemany(
                 "INSERT INTO endpoints (serial, type, type_key, version, model, mac, tz,"
                 " in_call, address, parent_serial, first_seen, last_poll, last_report,"
-                " report_state, report_version, report_detail)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " report_state, report_version, report_detail, bucket)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 batch,
             )
             conn.executemany(
@@ -205,6 +270,11 @@ def main() -> None:
     parser.add_argument("--endpoints", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=5, help="runs of each timing")
     parser.add_argument("--keep", action="store_true", help="keep the temporary home")
+    parser.add_argument(
+        "--rollout",
+        action="store_true",
+        help=f"with a GroupSeries rollout to {ROLLOUT_VERSION} running in its 10%% wave",
+    )
     args = parser.parse_args()
 
     from dynupdate.core.endpoints import list_endpoints, overview
@@ -219,9 +289,15 @@ def main() -> None:
             f"{os.cpu_count()} cpus"
         )
         set_up_policies(home, workdir)
+        if args.rollout:
+            start_rollout(home, workdir)
         seconds = fill_endpoints(home / "dynupdate.db", args.endpoints)
         size = (home / "dynupdate.db").stat().st_size / 2**20
         print(f"filled {args.endpoints:,} endpoints in {seconds:.1f} s (database {size:.0f} MiB)")
+        if args.rollout:
+            attempts = fill_attempts(home / "dynupdate.db")
+            print(f"rollout of GroupSeries {ROLLOUT_VERSION} in wave 2 (10%): {attempts:,} devices"
+                  " with attempts, 20 trial devices")  # fmt: skip
 
         opened = open_home(home)
         try:

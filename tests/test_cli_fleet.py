@@ -81,6 +81,8 @@ def test_overview_json(cli, fleet):
         "pending": 1,
         "in-progress": 0,
         "failed": 1,
+        "waiting": 0,
+        "held": 0,
     }
     assert rows["EagleEyeIV"]["counts"]["no-policy"] == 1
     assert "GroupSeries" in cli("overview").stdout

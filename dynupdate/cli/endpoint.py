@@ -10,7 +10,7 @@ from dynupdate.core.attempts import retry_device
 from dynupdate.core.durations import parse_duration
 from dynupdate.core.endpoints import forget_endpoints, get_endpoint, list_endpoints
 from dynupdate.core.errors import InvalidInput
-from dynupdate.core.fleet import load_fleet_state
+from dynupdate.core.fleet import STATUSES, load_fleet_state
 from dynupdate.core.times import utc_now
 
 app = typer.Typer(help="Endpoints and peripherals: version, target, update status, history.")
@@ -35,7 +35,7 @@ def list_(
         None,
         "--status",
         "-s",
-        help="no-policy, up-to-date, pending, in-progress or failed.",
+        help=f"One of {', '.join(STATUSES)}.",
     ),
     version: str | None = typer.Option(None, "--version", help="Only devices on this version."),
     stale: str | None = typer.Option(
@@ -62,18 +62,61 @@ def show(ctx: typer.Context, serial: str = typer.Argument(...), as_json: bool = 
     """One endpoint's software update details, peripherals and recent history."""
     home = home_of(ctx)
     data = get_endpoint(home.db, load_fleet_state(home.db), serial)
-    emit_object(data, as_json=as_json, title=f"Endpoint {serial}")
-    if not as_json:
-        if data["peripherals"]:
-            emit_list(data["peripherals"], COLUMNS, as_json=False, title="Peripherals")
-        emit_list(
-            data["history"],
-            [("at", "At"), ("event", "Event"), ("version", "Version"), ("detail", "Detail")],
-            as_json=False,
-            title="History",
-            empty="No history.",
+    if as_json:
+        emit_object(data, as_json=True)
+        return
+    shown = {key: value for key, value in data.items() if key != "rollout"}
+    shown["rollout"] = rollout_in_words(data)
+    emit_object(shown, as_json=False, title=f"Endpoint {serial}")
+    if data["peripherals"]:
+        emit_list(data["peripherals"], COLUMNS, as_json=False, title="Peripherals")
+    emit_list(
+        data["history"],
+        [("at", "At"), ("event", "Event"), ("version", "Version"), ("detail", "Detail")],
+        as_json=False,
+        title="History",
+        empty="No history.",
+    )
+    stdout.print()
+
+
+def rollout_in_words(data: dict) -> str | None:
+    """Where a device stands in its type's rollout, as an admin says it.
+
+    >>> rollout = {"version": "6.3.0", "state": "running", "wave": 2,
+    ...            "waves": ["1%", "10%", "100%"], "device_wave": 3, "trial": False,
+    ...            "held": False, "failures": 0, "detail": None, "max_attempts": 3}
+    >>> rollout_in_words({"serial": "A", "status": "waiting", "admitted": False, "attempts": 0,
+    ...                   "rollout": rollout})
+    '6.3.0, wave 2 of 3 (10%): staged until wave 3 (100%)'
+    """
+    rollout = data["rollout"]
+    if rollout is None:
+        return None
+    waves, wave = rollout["waves"], rollout["wave"]
+    head = f"{rollout['version']}, wave {wave} of {len(waves)} ({waves[wave - 1]})"
+    own = rollout["device_wave"]
+    own_wave = f"wave {own} ({waves[own - 1]})" if own else "no wave"
+    attempts = data["attempts"]
+    tried = f"; {attempts} attempt{'' if attempts == 1 else 's'}" if attempts else ""
+    if rollout["detail"] and rollout["failures"]:
+        tried += f", last failed: {rollout['detail']}"
+    if data["admitted"] is None:  # the type's latest rollout, over
+        return f"{rollout['version']} {rollout['state']}{tried}"
+    if rollout["held"]:
+        failed = rollout["failures"]
+        return (
+            f"{head}: held after {failed} failed attempt{'' if failed == 1 else 's'}"
+            f" ({rollout['detail']}): dynupdate endpoint retry {data['serial']}"
         )
-        stdout.print()
+    where = "a trial device, in every wave" if rollout["trial"] else f"in {own_wave}"
+    if data["status"] == "up-to-date":
+        return f"{head}: on it{tried}"
+    if data["admitted"]:
+        return f"{head}: {where}: admitted{tried}"
+    if rollout["state"] != "running":
+        return f"{head}: {where}: not offered while {rollout['state']}{tried}"
+    return f"{head}: staged until {own_wave}{tried}"
 
 
 @app.command("forget")

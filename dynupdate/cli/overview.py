@@ -8,6 +8,7 @@ import typer
 from rich.console import Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from dynupdate.cli._app import home_of
 from dynupdate.cli._output import JSON, emit_list, literal, stdout
@@ -15,6 +16,7 @@ from dynupdate.core.durations import parse_duration
 from dynupdate.core.endpoints import overview as fleet_overview
 from dynupdate.core.fleet import STATUSES, load_fleet_state
 from dynupdate.core.times import format_utc, utc_now
+from dynupdate.core.vocabulary import Status
 
 
 def _bar(percent: float | None, width: int = 12) -> str:
@@ -25,13 +27,35 @@ def _bar(percent: float | None, width: int = 12) -> str:
     return f"{'█' * full}{'░' * (width - full)} {percent:.0f}%"
 
 
+def rollout_brief(rollout: dict | None) -> Text:
+    """A type's active rollout in a cell of two lines: version and state, then the wave.
+
+    >>> print(rollout_brief({"version": "6.3.0", "state": "halted", "wave": 2,
+    ...                      "waves": ["1%", "10%"]}))
+    6.3.0 halted
+    wave 2/2 (10%)
+    """
+    if rollout is None:
+        return literal("—")
+    wave, waves = rollout["wave"], rollout["waves"]
+    state = literal(rollout["state"], "bold red" if rollout["state"] == "halted" else "")
+    return Text.assemble(
+        literal(f"{rollout['version']} "), state, f"\nwave {wave}/{len(waves)} ({waves[wave - 1]})"
+    )
+
+
 def _table(rows: list[dict]) -> Group:
     table = Table(
         title=literal(f"Dynamic software update — {format_utc(utc_now())}", "table.title"),
         title_justify="left",
         header_style="bold",
     )
-    for header in ("Type", "Policy", "Target", "Endpoints", *STATUSES, "On target", "Versions"):
+    # The rollout columns only while some type has a rollout: waiting and held
+    # exist only then, and the table stays narrow enough for a terminal.
+    rolling = any(row["rollout"] for row in rows)
+    statuses = [s for s in STATUSES if rolling or s not in (Status.WAITING, Status.HELD)]
+    headers = ["Type", "Policy", "Target", *(["Rollout"] if rolling else []), "Endpoints"]
+    for header in (*headers, *statuses, "On target", "Versions"):
         table.add_column(header, overflow="fold")
     for row in rows:
         if row["active"]:
@@ -46,12 +70,14 @@ def _table(rows: list[dict]) -> Group:
             row["type"],
             policy,
             row["target_version"] or "—",
+            *([rollout_brief(row["rollout"])] if rolling else []),
             row["endpoints"],
-            *(row["counts"][s] for s in STATUSES),
+            *(row["counts"][s] for s in statuses),
             bar,
             spread or "—",
         )
-        table.add_row(*map(literal, cells))  # types and versions are as devices sent them
+        # Types and versions are as devices sent them: every cell is literal text.
+        table.add_row(*(cell if isinstance(cell, Text) else literal(cell) for cell in cells))
     return Group(table)
 
 

@@ -14,10 +14,11 @@ from rich.text import Text
 from dynupdate.cli._app import home_of, state_of
 from dynupdate.cli._output import emit_list, emit_object, literal, say, stderr, stdout
 from dynupdate.core import rollout_records, rollouts
-from dynupdate.core.durations import format_duration, parse_duration
+from dynupdate.core.durations import parse_duration
 from dynupdate.core.gates import RolloutOptions
 from dynupdate.core.rollout_records import RolloutSummary
-from dynupdate.core.times import format_utc
+from dynupdate.core.times import format_utc, utc_now
+from dynupdate.core.waves import format_percent
 
 app = typer.Typer(help="Staged rollouts: a new version wave by wave, halting by itself.")
 
@@ -235,61 +236,112 @@ def status(
 
 
 def _bar(done: int, total: int, width: int = 20) -> str:
+    """A text bar, readable in mail and logs too.
+
+    >>> _bar(3, 12, width=8)
+    '██░░░░░░ 3/12'
+    """
     share = done / total if total else 0.0
     full = round(width * share)
     return f"{'█' * full}{'░' * (width - full)} {done}/{total}"
 
 
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def gate_in_words(summary: RolloutSummary) -> str:
+    """What opens the next wave (or completes the rollout), and what it waits for now.
+
+    From the ``gate`` object, e.g. "Next wave (50%) from 2026-12-02T14:05:00Z if
+    ≥ 95% of ≥ 10 outcomes succeed; waiting for: 7 of 10 outcomes; 3 attempts in
+    flight". Empty for a rollout that is over.
+    """
+    rollout, gate = summary.rollout, summary.gate
+    type_ = rollout.type
+    if rollout.state == "paused":
+        return f"Paused: {rollout.version} is offered to nobody; dynupdate rollout resume {type_}"
+    if gate is None:  # completed or aborted
+        return ""
+    step = "Completes" if rollout.last_wave else f"Next wave ({rollout.waves[rollout.wave].label})"
+    if rollout.options.manual:
+        return f"{step} by hand: dynupdate rollout advance {type_}"
+    success = format_percent(rollout.options.min_success)
+    if gate.needed:
+        evidence = f" if ≥ {success} of ≥ {_plural(gate.needed, 'outcome')} succeed"
+    else:
+        evidence = " (no live device of its own)"  # it passes after its soak
+    rule = f"{step} from {format_utc(rollout.next_wave_at())}{evidence}"
+    if gate.blocked_by is None:
+        return f"{rule}: passes at the next evaluation"
+    return f"{rule}; waiting for: {gate.blocked_by}"
+
+
 def _live_view(db: Any, summaries: list[RolloutSummary]) -> Group:
-    parts: list[Any] = []
+    parts: list[Any] = [literal(f"Rollouts — {format_utc(utc_now())}", "table.title")]
     if not summaries:
         parts.append(literal("No rollouts yet."))
     for summary in summaries:
-        data, rollout = _row(summary), summary.rollout
-        state = data["state"]
-        head = Text.assemble(
-            literal(
-                f"{rollout.type} {rollout.stable_version or '—'} → {rollout.version}  ", "bold"
-            ),
-            literal(state, "bold red" if state == "halted" else "bold"),
-            literal(f"  started {format_utc(rollout.started_at)}"),
-        )
-        parts.append(head)
-        table = Table(show_header=True, header_style="bold", box=None)
-        for header in ("Wave", "", "Progress (own devices on target)"):
-            table.add_column(header)
-        for index, wave in enumerate(rollout_records.wave_progress(db, rollout), 1):
-            mark = "▶" if index == rollout.wave and rollout.state.active else (
-                "✓" if wave["open"] else " "
-            )  # fmt: skip
-            table.add_row(
-                literal(wave["wave"]),
-                literal(mark),
-                literal(_bar(wave["succeeded"], wave["devices"])),
-            )
-        parts.append(table)
-        parts.append(
-            literal(
-                f"offered {data['offered']}  in flight {data['in_flight']}  succeeded "
-                f"{data['succeeded']}  failed {data['failed']}  held {data['held']}"
-            )
-        )
-        if state == "halted":
-            parts.append(literal(f"Halted: {data['halt_reason']}", "bold red"))
-            for failure in rollout_records.failures(db, rollout):
-                parts.append(
-                    literal(
-                        f"  {failure['serial']}  {failure['failed_at']}  {failure['detail']}", "red"
-                    )
-                )
-            parts.append(literal(f"Then: dynupdate rollout resume {rollout.type}  or  abort"))
-        elif summary.gate is not None:
-            soak = format_duration(rollout.options.soak)
-            parts.append(
-                literal(
-                    f"Next wave: {data['why']} (needs ≥ {rollout.options.min_success / 100:g}% of "
-                    f"≥ {summary.gate.needed} outcomes, soak {soak})"
-                )
-            )
+        parts.extend(_one_rollout(db, summary))
         parts.append(Text(""))
     return Group(*parts)
+
+
+def _one_rollout(db: Any, summary: RolloutSummary) -> list[Any]:
+    """One rollout of the live view: head, a bar per wave, counts, the gate or the halt."""
+    data, rollout = summary.to_dict(), summary.rollout
+    state = str(rollout.state)
+    halted = state == "halted"
+    wave = rollout.current_wave
+    head = Text.assemble(
+        literal(f"{rollout.type} {rollout.stable_version or '—'} → {rollout.version}  ", "bold"),
+        literal(state.upper() if halted else state, "bold red" if halted else "bold"),
+        literal(f"  wave {rollout.wave} of {len(rollout.waves)} ({wave.label})"),
+        literal(f"  started {format_utc(rollout.started_at)}"),
+        literal(f"  finished {format_utc(rollout.finished_at)}" if rollout.finished_at else ""),
+    )
+    table = Table(show_header=True, header_style="bold", box=None, padding=(0, 1))
+    for header in ("Wave", "", f"Own devices on {rollout.version}"):
+        table.add_column(literal(header))
+    for index, progress in enumerate(rollout_records.wave_progress(db, rollout), 1):
+        if index == rollout.wave and rollout.state.active:
+            mark = "▶"
+        else:
+            mark = "✓" if progress["open"] else ""
+        table.add_row(
+            literal(progress["wave"]),
+            literal(mark),
+            literal(_bar(progress["succeeded"], progress["devices"])),
+        )
+    counts = "  ".join(
+        f"{label} {data[key]}"
+        for key, label in (
+            ("offered", "offered"),
+            ("in_flight", "in flight"),
+            ("succeeded", "succeeded"),
+            ("failed", "failed"),
+            ("held", "held"),
+        )
+    )
+    parts: list[Any] = [head, table, literal(counts)]
+    if halted:
+        parts.append(literal(f"Halted: {rollout.halt_reason}", "bold red"))
+        for failure in rollout_records.failures(db, rollout):
+            tries = _plural(failure["attempts"], "attempt")
+            # The detail is what the device said: literal, whatever it holds.
+            parts.append(
+                literal(
+                    f"  {failure['serial']}  {failure['failed_at']}  {tries}  "
+                    f"{failure['detail'] or ''}",
+                    "red",
+                )
+            )
+        parts.append(
+            literal(
+                f"Then: dynupdate rollout resume {rollout.type} (the halt rules count afresh)"
+                f"  or  dynupdate rollout abort {rollout.type}"
+            )
+        )
+    elif words := gate_in_words(summary):
+        parts.append(literal(words))
+    return parts

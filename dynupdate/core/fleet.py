@@ -22,7 +22,10 @@ from dynupdate.core.decision import (
     DeviceState,
     Policy,
     RolloutView,
+    Standing,
+    admitted,
     decide_for_target,
+    rollout_status,
     status_for_target,
     target_package,
 )
@@ -30,8 +33,10 @@ from dynupdate.core.devices import type_key
 from dynupdate.core.maintenance import load_window
 from dynupdate.core.packages import Package, list_packages
 from dynupdate.core.policies import load_policies
-from dynupdate.core.rollout_records import ACTIVE_SQL, COLUMNS, rollout_from_row
+from dynupdate.core.rollout_records import ACTIVE_SQL, COLUMNS, Rollout, rollout_from_row
 from dynupdate.core.trial import trial_serials
+from dynupdate.core.vocabulary import Status
+from dynupdate.core.waves import BUCKETS
 from dynupdate.core.windows import Window
 
 __all__ = [
@@ -44,7 +49,8 @@ __all__ = [
     "load_fleet_state",
 ]
 
-STATUSES = ("no-policy", "up-to-date", "pending", "in-progress", "failed")
+# Every status, in the order tables show them; counts are keyed by these values.
+STATUSES = tuple(status.value for status in Status)
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class ActiveRollout:
     view: RolloutView
     max_attempts: int
     limited: bool  # --max-in-flight or --max-per-hour: offers reserve a slot first
+    record: Rollout | None = None  # as stored: its waves and wave number, for the views
 
 
 @dataclass(frozen=True)
@@ -83,11 +90,76 @@ class FleetState:
         return decide_for_target(kind.policy, kind.target, self.window, device, now)
 
     def status(
-        self, type_: str, version: str, report_state: str | None, report_version: str | None
-    ) -> str:
-        """The update status, derived from the policy now and what the device last said."""
+        self,
+        type_: str,
+        version: str,
+        report_state: str | None,
+        report_version: str | None,
+        *,
+        standing: Standing | None = None,
+        attempted: bool = False,
+    ) -> Status:
+        """The update status, derived from the policy or rollout now and what the device last said.
+
+        For a type with an active rollout it also depends on the device's
+        ``standing`` (bucket, trial, held) and on ``attempted``, whether it has an
+        attempt in the rollout; without a standing the device counts as one in
+        the last bucket, not a trial device, not held.
+        """
         kind = self.of(type_)
-        return status_for_target(kind.policy, kind.target, version, report_state, report_version)
+        if kind.rollout is None:
+            return status_for_target(
+                kind.policy, kind.target, version, report_state, report_version
+            )
+        return rollout_status(
+            kind.rollout.view,
+            standing or _OUTSIDE,
+            version,
+            report_state,
+            report_version,
+            attempted=attempted,
+        )
+
+    def possible_statuses(
+        self, type_: str, version: str, report_state: str | None, report_version: str | None
+    ) -> frozenset[Status]:
+        """Every status a device of this (type, version, last report) can have, whatever
+        its standing in a rollout: what a filter by status may skip without reading rows."""
+        kind = self.of(type_)
+        found = {self.status(type_, version, report_state, report_version)}
+        if kind.rollout is not None:
+            view = kind.rollout.view
+            stable = status_for_target(
+                view.stable_policy, view.stable, version, report_state, report_version
+            )
+            found.add(Status.WAITING if stable in _STAGED else stable)
+            for standing in _STANDINGS:
+                for attempted in (False, True):
+                    found.add(rollout_status(view, standing, version, report_state,
+                                             report_version, attempted=attempted))  # fmt: skip
+        return frozenset(found)
+
+    def admits(self, type_: str, standing: Standing) -> bool | None:
+        """Whether the type's active rollout admits a device now; None without one."""
+        kind = self.of(type_)
+        return None if kind.rollout is None else admitted(kind.rollout.view, standing)
+
+    def target_version(self, type_: str, *, towards_rollout: bool = False) -> str | None:
+        """The version a device of the type is sent to: during a rollout its version for a
+        device admitted or with an attempt (``towards_rollout``), else the stable one."""
+        kind = self.of(type_)
+        if kind.rollout is None:
+            return kind.target.version if kind.target else None
+        if towards_rollout:
+            return kind.rollout.view.version
+        stable = kind.rollout.view.stable
+        return stable.version if stable else None
+
+
+_OUTSIDE = Standing(bucket=BUCKETS - 1)
+# One standing of each kind that rollout_status tells apart (admitted whenever it runs).
+_STANDINGS = (_OUTSIDE, Standing(bucket=0, trial=True), Standing(bucket=0, held=True))
+_STAGED = (Status.UP_TO_DATE, Status.NO_POLICY)
 
 
 def current_generation(db: sqlite_utils.Database) -> int:
@@ -127,6 +199,7 @@ def load_fleet_state(db: sqlite_utils.Database) -> FleetState:
                 rollout.view(version, stable),
                 options.max_attempts,
                 options.max_in_flight is not None or options.max_per_hour is not None,
+                rollout,
             )
         types[key] = TypeState(policy, packages, target_package(policy, packages), running)
     return FleetState(generation, types, window, trial)
