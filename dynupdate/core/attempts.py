@@ -151,22 +151,34 @@ def reserve_attempt(
     parent: str | None,
     *,
     now: datetime | None = None,
+    version: str | None = None,
 ) -> datetime | None:
     """Open an attempt for an offer of V, within the limits; or the ``retryAt`` when full.
 
     Runs in its own write transaction: the limits are read and the slot taken
     under one lock, so no number of workers can exceed ``--max-in-flight`` or
     ``--max-per-hour``. An attempt already open is kept (None: offer V again).
+    ``version``: what the poll asking for it says the device runs, noted first
+    (a revert it shows ends the previous attempt before this one opens).
+
+    Raises :class:`Conflict` when, since the poll was decided, the rollout
+    stopped running or the device became held: V must not be offered then.
     """
     now = now or utc_now()
     with write(db):
+        if version is not None:
+            note_devices(db, rollout_id, [Seen(serial, version)], now)
         rollout = load_rollout(db, rollout_id)
+        if rollout.state != RolloutState.RUNNING:
+            raise Conflict(f"The rollout of {rollout.type} is {rollout.state}.")
         row = db.execute(
-            "SELECT open_at FROM rollout_devices WHERE rollout_id = ? AND serial = ?",
+            "SELECT open_at, failures FROM rollout_devices WHERE rollout_id = ? AND serial = ?",
             (rollout_id, serial),
         ).fetchone()
         if row is not None and row[0] is not None:
             return None
+        if row is not None and row[1] >= rollout.options.max_attempts:
+            raise Conflict(f"{serial} is held in the rollout of {rollout.type}.")
         retry = _limited_until(db, rollout, now)
         if retry is not None:
             return retry
