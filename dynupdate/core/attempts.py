@@ -117,9 +117,11 @@ def halt_if_failing(db: sqlite_utils.Database, rollout: Rollout, now: datetime) 
     if rollout.state not in (RolloutState.RUNNING, RolloutState.PAUSED):
         return None
     since = utc_text(rollout.resumed_at) if rollout.resumed_at else ""
+    # Times are kept to the second: an outcome in the second of the resume counts
+    # (a failure right after a resume must be able to halt again).
     failed, succeeded = db.execute(
-        "SELECT sum(failures > 0 AND succeeded_at IS NULL AND failed_at > ?),"
-        " sum(succeeded_at > ?) FROM rollout_devices WHERE rollout_id = ?",
+        "SELECT sum(failures > 0 AND succeeded_at IS NULL AND failed_at >= ?),"
+        " sum(succeeded_at >= ?) FROM rollout_devices WHERE rollout_id = ?",
         (since, since, rollout.id),
     ).fetchone()
     failed, succeeded = failed or 0, succeeded or 0
