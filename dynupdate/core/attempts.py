@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 import sqlite_utils
 
@@ -221,9 +221,11 @@ def _limited_until(db: sqlite_utils.Database, rollout: Rollout, now: datetime) -
     return max(waits) if waits else None
 
 
-@dataclass(frozen=True)
-class Seen:
-    """What a poll or a report says of a device in a rollout (see :func:`note_devices`)."""
+class Seen(NamedTuple):
+    """What a poll or a report says of a device in a rollout (see :func:`note_devices`).
+
+    A tuple: the server makes one per poll of a rollout's type.
+    """
 
     serial: str
     version: str
@@ -246,7 +248,19 @@ def note_devices(
     target = version_key(rollout.version)
     stamp = utc_text(now)
     failed = False
+    # Most polls are of devices never offered V: one lookup for all of them, then
+    # a row read only for those the rollout tracks.
+    tracked = {
+        row[0]
+        for row in db.execute(
+            "SELECT serial FROM rollout_devices WHERE rollout_id = ?"
+            " AND serial IN (SELECT value FROM json_each(?))",
+            (rollout_id, json.dumps([item.serial for item in seen])),
+        )
+    }
     for item in seen:
+        if item.serial not in tracked:
+            continue
         row = db.execute(
             "SELECT attempts, open_at, installed_at, succeeded_at FROM rollout_devices"
             " WHERE rollout_id = ? AND serial = ?",

@@ -175,12 +175,12 @@ def _note_rollouts(
 ) -> None:
     """Note what polls or reports say of rollout attempts, per rollout, in the caller's write."""
     by_rollout: dict[int, list[Seen]] = {}
-    latest: dict[int, datetime] = {}
+    times: dict[int, list[datetime]] = {}
     for rollout_id, item, when in seen:
         by_rollout.setdefault(rollout_id, []).append(item)
-        latest[rollout_id] = max(when, latest.get(rollout_id, when))
+        times.setdefault(rollout_id, []).append(when)
     for rollout_id, items in by_rollout.items():
-        reason = note_devices(db, rollout_id, items, latest[rollout_id])
+        reason = note_devices(db, rollout_id, items, max(times[rollout_id]))
         if reason is not None and events is not None:
             type_, version = db.execute(
                 "SELECT type, version FROM rollouts WHERE id = ?", (rollout_id,)
