@@ -309,7 +309,24 @@ def wave_evidence(db: sqlite_utils.Database, rollout: Rollout, now: datetime) ->
 
 
 def _live(db: sqlite_utils.Database, rollout: Rollout, now: datetime) -> int:
-    """K: the wave's own devices on a version older than V heard from within 7 days."""
+    """K: the wave's own devices on a version older than V heard from within 7 days.
+
+    Counted only up to ``--min-devices``: the gate needs min(--min-devices, K), and
+    stopping there reads a handful of rows, not half a million (the last wave of
+    a large type), whose liveness is in the rows, not in an index.
+    """
+    enough = rollout.options.min_devices
+    target = version_key(rollout.version)
+    # The type's versions older than V, from the covering index on (type_key, version, …).
+    older = [
+        version
+        for (version,) in db.execute(
+            "SELECT DISTINCT version FROM endpoints WHERE type_key = ?", (type_key(rollout.type),)
+        )
+        if version_key(version) < target
+    ]
+    if not older:
+        return 0
     cutoff = utc_text(now - LIVE_WINDOW)
     bounds = _wave_bounds(rollout, rollout.wave)
     params: tuple[int, ...] = ()
@@ -319,14 +336,14 @@ def _live(db: sqlite_utils.Database, rollout: Rollout, now: datetime) -> int:
         where, params = f"(e.bucket >= ? AND e.bucket < ? AND NOT {TRIAL_OF})", bounds
         if rollout.wave == 1:
             where = f"({where} OR {TRIAL_OF})"
-    rows = db.execute(
-        "SELECT e.version, count(*) FROM endpoints e WHERE e.type_key = ?"
+    (count,) = db.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM endpoints e WHERE e.type_key = ?"
+        " AND e.version IN (SELECT value FROM json_each(?))"
         " AND (e.last_poll >= ? OR e.last_report >= ?)"
-        f" AND {where} GROUP BY e.version",
-        (type_key(rollout.type), cutoff, cutoff, *params),
-    ).fetchall()
-    target = version_key(rollout.version)
-    return sum(count for version, count in rows if version_key(version) < target)
+        f" AND {where} LIMIT ?)",
+        (type_key(rollout.type), json.dumps(older), cutoff, cutoff, *params, enough),
+    ).fetchone()
+    return count
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,32 @@
+"""K, the live devices a wave's gate waits for (SPEC section 6), on a real database."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from test_rollouts import T0, TYPE, gs, register, serials_in  # noqa: F401 (gs: a fixture)
+
+from dynupdate.core import rollout_records, rollouts
+from dynupdate.core.gates import RolloutOptions
+from dynupdate.core.waves import parse_waves
+
+
+def live(home, **options) -> int:
+    rollout = rollouts.start_rollout(home.db, TYPE, "6.2.2", RolloutOptions(**options), now=T0)
+    return rollout_records.wave_evidence(home.db, rollout, T0).live
+
+
+def test_k_counts_own_devices_older_than_v_heard_from_within_7_days(gs):  # noqa: F811
+    first, later = serials_in(0, 1000, 6), serials_in(1000, 10_000, 3, "L")
+    register(gs, first[:2])  # live, older than V
+    register(gs, first[2:3], version="6.2.2")  # on V: not waiting for anything
+    register(gs, first[3:4], version="7.0")  # newer than V
+    register(gs, first[4:], at=T0 - timedelta(days=8))  # silent for 8 days
+    register(gs, later)  # another wave's
+    assert live(gs, waves=parse_waves("10%,100%")) == 2
+
+
+def test_k_is_counted_only_up_to_min_devices(gs):  # noqa: F811
+    register(gs, serials_in(0, 10_000, 12))
+    # The gate needs min(--min-devices, K): past it, more rows change nothing.
+    assert live(gs, waves=parse_waves("100%"), min_devices=5) == 5
