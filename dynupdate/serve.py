@@ -93,6 +93,9 @@ RETRY_SLICE = 2_000  # kept polls per retried transaction: a failing retry stays
 # Seconds between evaluations of rollout gates by each worker: the writer wakes at
 # least every flush_interval, so gates run well within SPEC's 5 s.
 GATE_INTERVAL = 4.0
+# Seconds a full --max-in-flight/--max-per-hour is believed without asking the
+# writer again: short, since a verified success frees a slot at any time.
+LIMITED_FOR = 1.0
 
 
 class EndpointWriter:
@@ -135,6 +138,7 @@ class EndpointWriter:
         self._next_retry = 0.0
         self._dropped = 0  # polls of devices past max_unrecorded, this episode
         self._next_gates = 0.0
+        self._gates_failing = False
 
     def start(self) -> None:
         self._thread.start()
@@ -330,8 +334,15 @@ class EndpointWriter:
             if db.execute(f"SELECT 1 FROM rollouts WHERE {ACTIVE_SQL} LIMIT 1").fetchone():
                 _log_events(evaluate(db))
         except Exception as e:
-            # Evaluated again at the next interval; one line, never a traceback.
-            log.error("Could not evaluate rollout gates: %s", _one_line(e))
+            # Evaluated again at the next interval. One line when it starts failing
+            # and one when it works again, never a traceback.
+            if not self._gates_failing:
+                log.error("Could not evaluate rollout gates (retrying): %s", _one_line(e))
+            self._gates_failing = True
+            return
+        if self._gates_failing:
+            log.warning("rollout gates evaluated again")
+            self._gates_failing = False
 
     def _keep(self, polls) -> None:
         """Keep the newest poll of each device, for at most ``max_unrecorded`` devices."""
@@ -359,6 +370,9 @@ class PollApp:
         self.writer = EndpointWriter(home.path / "dynupdate.db", self.options.flush_interval)
         self._bases: dict[str, str] = {}  # package URL base per Host header
         self._bind_serial = self.options.bind_serial
+        # Per rollout id: (time.monotonic() until which, retryAt) after a reservation
+        # found --max-in-flight or --max-per-hour full.
+        self._limited: dict[int, tuple[float, datetime]] = {}
 
     def start(self) -> None:
         self.writer.start()
@@ -520,8 +534,12 @@ class PollApp:
         trial = fleet.trial
         standing = Standing(bucket(lead), bool(trial) and (state.serial in trial or lead in trial))
         if not state.in_call and admitted(view, standing) and not _on_or_past(state.version, view):
-            _attempted, held, attempt_open = device_standing(self.home.db, rollout.id, state.serial)
-            standing = Standing(standing.bucket, standing.trial, held, attempt_open)
+            _attempted, held, attempt_open = device_standing(
+                self.home.db, rollout.id, state.serial, rollout.max_attempts
+            )
+            limited = self._limited.get(rollout.id) if rollout.limited else None
+            until = limited[1] if limited and limited[0] > time.monotonic() else None
+            standing = Standing(standing.bucket, standing.trial, held, attempt_open, until)
         return decide_rollout(view, standing, fleet.window, state, now)
 
     async def _reserve_then_answer(
@@ -554,6 +572,13 @@ class PollApp:
         ):
             if result is None:
                 answer_decision = decision
+            elif isinstance(result, datetime):
+                # Full: for a moment, answer the rollout's other admitted devices without
+                # asking the writer (a device that polls in a loop costs no transaction).
+                self._limited[rollout_id] = (time.monotonic() + LIMITED_FOR, result)
+                answer_decision = Decision(
+                    reason=Reason.RATE_LIMITED, retry_at=max(result, now + RATE_LIMIT_RETRY)
+                )
             else:
                 # A limit is full, or the rollout stopped or the device became held since
                 # the decision (or the database cannot be written): come back later.
@@ -686,7 +711,9 @@ def _unwritable(error: Exception) -> bool:
 def _log_events(events: Sequence[str]) -> None:
     """Rollout transitions made by this process, one line each (no other process logs them)."""
     for line in events:
-        log.warning("rollout: %s", line)
+        # A timeout names a device's serial: shown, never obeyed by a terminal.
+        shown = line if line.isprintable() else line.encode("unicode_escape").decode("ascii")
+        log.warning("rollout: %s", shown)
 
 
 def _one_line(error: BaseException) -> str:

@@ -320,3 +320,46 @@ def test_max_per_hour_answers_rate_limited_with_retry_at(gs, start_server, home_
     retry, now = utc(answer.get("retryAt")), utc(answer.get("serverTime"))
     assert retry >= now + timedelta(minutes=59)
     assert offered(home_dir, devices[2]) is None
+
+
+def test_event_lines_are_logged_printable(caplog):
+    from dynupdate import serve
+
+    with caplog.at_level("WARNING", logger="dynupdate.serve"):
+        serve._log_events(["GroupSeries 6.2.2: A\x1b[2J\u202e timed out"])
+    (line,) = caplog.messages
+    assert line == "rollout: GroupSeries 6.2.2: A\\x1b[2J\\u202e timed out"
+
+
+def test_gates_that_cannot_be_evaluated_log_one_line_until_they_can(gs, home_dir, caplog):
+    from dynupdate.core.db import connect
+    from dynupdate.serve import EndpointWriter
+
+    gs("rollout", "start", GS, "--version", "6.2.2")
+    checks: list[str] = []
+    denied = threading.Event()
+    denied.set()
+
+    def deny(action, table, *_):
+        refuse = denied.is_set() and table == "rollout_devices"
+        return sqlite3.SQLITE_DENY if refuse else sqlite3.SQLITE_OK
+
+    def connect_db(path: Path):
+        db = connect(path)
+        db.conn.set_authorizer(deny)  # every evaluation fails, as on a broken database
+        db.conn.set_trace_callback(
+            lambda sql: checks.append(sql) if sql.startswith("SELECT 1 FROM rollouts") else None
+        )
+        return db
+
+    writer = EndpointWriter(home_dir / "dynupdate.db", flush_interval=0.02,
+                            connect_db=connect_db, gate_interval=0.02)  # fmt: skip
+    with caplog.at_level("INFO", logger="dynupdate.serve"):
+        writer.start()
+        wait_for(lambda: len(checks) >= 5, "five evaluations")
+        denied.clear()
+        wait_for(lambda: "rollout gates evaluated again" in caplog.messages, "a working one")
+        writer.stop()
+    failing = [m for m in caplog.messages if "Could not evaluate" in m]
+    assert len(failing) == 1 and "rollout_devices" in failing[0], caplog.messages
+    assert "Traceback" not in caplog.text
