@@ -205,7 +205,8 @@ def test_held_after_max_attempts(gs, start_server, home_dir):
 
 def test_verified_success_opens_the_next_wave_then_completes(gs, start_server, home_dir):
     (first,), (second,) = serials_in(0, 5000, 1, "A"), serials_in(5000, 10_000, 1, "B")
-    server = start_server(home_dir)
+    # Two workers, each evaluating the gates: each transition is made (and logged) once.
+    server = start_server(home_dir, "--workers", "2")
     for serial in (first, second):
         poll(server, serial, "6.2.1")  # known devices: each wave has live devices
     gs("rollout", "start", GS, "--version", "6.2.2", "--waves", "50%,100%", "--soak", "1s",
@@ -222,8 +223,8 @@ def test_verified_success_opens_the_next_wave_then_completes(gs, start_server, h
     wait_for(lambda: rollout_state(home_dir)[0] == "completed", "the server to complete")
     assert gs.json("policy", "show", GS)["version_to_use"] == "6.2.2"
     entries = server_entries(gs)
-    assert ("rollout.wave-opened", "server") in entries
-    assert ("rollout.completed", "server") in entries
+    assert entries.count(("rollout.wave-opened", "server")) == 1
+    assert entries.count(("rollout.completed", "server")) == 1
     lines = "".join(server.log)
     assert lines.count("rollout: GroupSeries 6.2.2 wave 2 opened") == 1
     assert lines.count("rollout: GroupSeries 6.2.2 completed") == 1
