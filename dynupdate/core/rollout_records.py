@@ -455,11 +455,27 @@ def latest_options(db: sqlite_utils.Database, type_: str) -> RolloutOptions:
 
 
 def wave_progress(db: sqlite_utils.Database, rollout: Rollout) -> list[dict[str, Any]]:
-    """Per wave, its own known devices and how many of them succeeded."""
-    known = db.execute(
-        f"SELECT e.bucket, {TRIAL_OF} FROM endpoints e WHERE e.type_key = ?",
-        (type_key(rollout.type),),
-    ).fetchall()
+    """Per wave, its own known devices and how many of them succeeded.
+
+    Devices are counted per bucket range on the (type_key, bucket) index, then
+    the few trial devices moved to the wave they belong to: no row of a large
+    fleet is read (a million endpoints: 1.3 s counted row by row in Python).
+    """
+    key = type_key(rollout.type)
+    # From the few trial serials to their rows: named devices, then the peripherals
+    # of named endpoints not named themselves. CROSS JOIN keeps that order, and the
+    # unary + keeps SQLite from scanning the type's index instead of the parent's.
+    trial = [
+        b
+        for (b,) in db.execute(
+            "SELECT e.bucket FROM trial_devices t CROSS JOIN endpoints e"
+            " ON e.serial = t.serial WHERE +e.type_key = ?"
+            " UNION ALL SELECT e.bucket FROM trial_devices t CROSS JOIN endpoints e"
+            " ON e.parent_serial = t.serial WHERE +e.type_key = ?"
+            " AND e.serial NOT IN (SELECT serial FROM trial_devices)",
+            (key, key),
+        )
+    ]
     done = db.execute(
         "SELECT bucket, trial FROM rollout_devices WHERE rollout_id = ?"
         " AND succeeded_at IS NOT NULL",
@@ -468,11 +484,20 @@ def wave_progress(db: sqlite_utils.Database, rollout: Rollout) -> list[dict[str,
     rows = []
     for index, wave in enumerate(rollout.waves, 1):
         own = _own_of(rollout, index)
+        bounds = _wave_bounds(rollout, index)
+        devices = len(trial) if index == 1 else 0
+        if bounds is not None:
+            low, high = bounds
+            (in_range,) = db.execute(
+                "SELECT count(*) FROM endpoints WHERE type_key = ? AND bucket >= ? AND bucket < ?",
+                (key, low, high),
+            ).fetchone()
+            devices += in_range - sum(1 for b in trial if low <= b < high)
         rows.append(
             {
                 "wave": wave.label,
                 "open": index <= rollout.wave,
-                "devices": sum(1 for b, t in known if own(b, bool(t))),
+                "devices": devices,
                 "succeeded": sum(1 for b, t in done if own(b, bool(t))),
             }
         )
