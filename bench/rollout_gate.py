@@ -17,7 +17,8 @@ What it does, in order:
    type, is the largest), times in this process ``rollout_views`` (what
    ``rollout status`` shows) and ``evaluate`` (timeouts, halt rules and the
    next-wave gate in one write transaction, what the server runs every few
-   seconds), then ``dynupdate rollout status --json`` as a command.
+   seconds) and ``wave_progress`` (the per-wave bars of ``rollout status
+   --watch``), then ``dynupdate rollout status --json`` as a command.
 
     .venv/bin/python bench/rollout_gate.py                          # 1,000,000 endpoints
     .venv/bin/python bench/rollout_gate.py --endpoints 100000 --repeat 3
@@ -147,7 +148,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from dynupdate.core.home import open_home
-    from dynupdate.core.rollout_records import rollout_views
+    from dynupdate.core.rollout_records import rollout_views, wave_progress
     from dynupdate.core.rollouts import evaluate
 
     workdir = Path(tempfile.mkdtemp(prefix="dynupdate-rollout-gate-"))
@@ -189,6 +190,9 @@ def main() -> None:
                      timed(lambda at=at, e=events: e.append(evaluate(opened.db, now=at)),
                            args.repeat), TARGET)  # fmt: skip
                 assert not any(events), events  # nothing changed: every run did the same work
+                rollout = summary.rollout
+                show(f"core wave_progress (status --watch), wave {wave}",
+                     timed(lambda r=rollout: wave_progress(opened.db, r), args.repeat))  # fmt: skip
                 show(
                     f"CLI rollout status --json, wave {wave}",
                     timed(
