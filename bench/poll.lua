@@ -9,6 +9,8 @@
 --   POLL_DELAY_MS  mean think time between a connection's polls, exponential
 --                  (unset: none, full speed)
 --   POLL_TARGET / POLL_OLD   the two versions sent
+--   POLL_NEW       a third version, sent by every tenth serial (unset: none);
+--                  poll_server.py --rollout sends the rollout's version
 --
 --   POLL_POOL=10000 wrk -t1 -c16 -d10s --latency -s bench/poll.lua https://127.0.0.1:8443/poll
 
@@ -19,6 +21,7 @@ local versions = {
   [0] = os.getenv("POLL_TARGET") or "6.2.2.0-100",
   [1] = os.getenv("POLL_OLD") or "6.2.1.1-600021",
 }
+local newest = os.getenv("POLL_NEW")
 local headers = { ["Content-Type"] = "application/xml" }
 local template = '<poll protocol="1"><endpoint serial="EP%08d" type="GroupSeries"'
   .. ' version="%s" model="RealPresence Group 500" in-call="false"/></poll>'
@@ -39,7 +42,11 @@ end
 function request()
   n = n + 1
   local i = n % pool
-  local body = string.format(template, i * stride, versions[i % 2])
+  local version = versions[i % 2]
+  if newest and i % 10 == 0 then
+    version = newest
+  end
+  local body = string.format(template, i * stride, version)
   return wrk.format("POST", "/poll", headers, body)
 end
 

@@ -35,6 +35,16 @@ It installs nothing: see bench/README.md for the Debian packages.
     .venv/bin/python bench/poll_server.py                              # 1,000 endpoints
     .venv/bin/python bench/poll_server.py --endpoints 1000,1000000 --seconds 10
     .venv/bin/python bench/poll_server.py --keys 100000     # every update offer carries a key
+    .venv/bin/python bench/poll_server.py --rollout          # a rollout runs on the polled type
+
+With ``--rollout``, a rollout of GroupSeries to a newer package (``ROLLOUT``)
+runs while the server is measured: waves 1%,100%, the first open for the whole
+run (a 30-day soak, halt rules that never trip). Of the pooled endpoints, one
+in ten polls on that version (up-to-date), the others on the stable and the
+older version as without it: ~99 % of them are staged or offered the stable
+version, ~1 % are admitted and offered the new one (the first offer of each
+reserves its attempt, the next ones read it). Pre-filled rows get their bucket
+(the gate evaluations every few seconds read it).
 """
 
 from __future__ import annotations
@@ -61,6 +71,7 @@ from _server import Serve, children, cpu_seconds, cpu_times, interference, tasks
 from overview_1m import fill_endpoints, set_up_policies  # noqa: E402
 
 TARGET, OLD = "6.2.2.0-100", "6.2.1.1-600021"
+ROLLOUT = "6.3.0"  # --rollout: GroupSeries to this version, newer than TARGET
 POOL = 10_000
 POLL = (
     '<poll protocol="1"><endpoint serial="{serial}" type="GroupSeries" version="{version}"'
@@ -308,6 +319,9 @@ def main() -> None:
         default=0,
         help="activation keys imported first (serials EP00000000…, the offered version)",
     )
+    parser.add_argument(
+        "--rollout", action="store_true", help=f"a rollout of GroupSeries to {ROLLOUT} runs"
+    )
     args = parser.parse_args()
     sizes = [int(n.replace("_", "")) for n in args.endpoints.split(",")]
     for tool in ("wrk", "ab", *(() if args.no_nginx else ("nginx",))):
@@ -337,8 +351,12 @@ def main() -> None:
             took = fill_endpoints(home / "dynupdate.db", size)
             if args.keys:
                 import_keys(home, workdir, args.keys)
+            if args.rollout:
+                start_rollout(home, workdir)
             stride = max(1, size // POOL)
             env = {"POLL_POOL": str(POOL), "POLL_STRIDE": str(stride)}
+            if args.rollout:
+                env["POLL_NEW"] = ROLLOUT
             print(f"\n== {size:,} endpoints in the database (filled in {took:.1f} s); "
                   f"wrk polls from a pool of {POOL:,} serials, stride {stride}")  # fmt: skip
             server = Serve(home, core=server_core)
@@ -373,6 +391,30 @@ def import_keys(home: Path, workdir: Path, count: int) -> None:
     command = [sys.executable, "-m", "dynupdate", "--home", str(home), "key", "import", str(path)]
     subprocess.run(command, check=True, capture_output=True)
     print(f"{count:,} activation keys imported")
+
+
+def start_rollout(home: Path, workdir: Path) -> None:
+    """Buckets for the pre-filled rows, then a rollout of GroupSeries to ROLLOUT (see --rollout)."""
+    sys.path.insert(0, str(BENCH.parent))
+    from dynupdate.core.waves import bucket
+
+    conn = sqlite3.connect(home / "dynupdate.db", isolation_level=None)
+    try:
+        conn.create_function("bucket", 1, bucket, deterministic=True)
+        conn.execute("UPDATE endpoints SET bucket = bucket(coalesce(parent_serial, serial))")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    path = workdir / f"gs-{ROLLOUT}.pup"
+    path.write_bytes(f"GroupSeries {ROLLOUT}\n".encode() * 64)
+    dynupdate = [sys.executable, "-m", "dynupdate", "--home", str(home)]
+    for args in (
+        ["package", "add", str(path), "--type", "GroupSeries", "--version", ROLLOUT],
+        ["rollout", "start", "GroupSeries", "--version", ROLLOUT, "--waves", "1%,100%",
+         "--soak", "30d", "--max-failures", "1000000", "--max-failure-rate", "100%"],
+    ):  # fmt: skip
+        subprocess.run([*dynupdate, *args], check=True, capture_output=True)
+    print(f"rollout of GroupSeries {ROLLOUT} running (waves 1%,100%: the first open)")
 
 
 def _recorded(home: Path) -> int:

@@ -510,7 +510,11 @@ class Offer:
 
 @dataclass(frozen=True, slots=True)
 class NoOffer:
-    """A ``<noUpdate>``; ``retry_at`` only with ``outside-window``."""
+    """A ``<noUpdate>``; ``reason`` a :class:`~dynupdate.core.vocabulary.Reason`.
+
+    ``retry_at`` with ``outside-window`` and ``rate-limited`` (then at least 60 s
+    after the answer's ``serverTime``); ``staged`` and ``held`` carry none.
+    """
 
     serial: str
     type: str

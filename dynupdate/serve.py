@@ -23,8 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from dynupdate import protocol
+from dynupdate.core.attempts import device_standing, reserve_attempt
 from dynupdate.core.db import connect
-from dynupdate.core.decision import DeviceState
+from dynupdate.core.decision import (
+    RATE_LIMIT_RETRY,
+    Decision,
+    DeviceState,
+    RolloutView,
+    Standing,
+    admitted,
+    decide_for_target,
+    decide_rollout,
+)
 from dynupdate.core.endpoints import (
     Sighting,
     StatusReport,
@@ -33,12 +43,17 @@ from dynupdate.core.endpoints import (
     record_report_groups,
     registered_parents,
 )
-from dynupdate.core.errors import StorageError, one_line
-from dynupdate.core.fleet import FleetCache, FleetState
+from dynupdate.core.errors import Conflict, StorageError, one_line
+from dynupdate.core.fleet import ActiveRollout, FleetCache, FleetState
 from dynupdate.core.home import Home
 from dynupdate.core.keys import key_for
+from dynupdate.core.rollout_records import ACTIVE_SQL
+from dynupdate.core.rollouts import evaluate
 from dynupdate.core.store import is_sha256
 from dynupdate.core.times import utc_now
+from dynupdate.core.versions import version_key
+from dynupdate.core.vocabulary import Reason
+from dynupdate.core.waves import bucket
 from dynupdate.httpd import Request, Response, file_response
 from dynupdate.identity import Forbidden, certificate_names, check_poll, check_report
 
@@ -75,6 +90,12 @@ def _error(status: int, code: str, message: str, *extra: tuple[str, str]) -> Res
 MAX_UNRECORDED = 100_000
 RETRY_EVERY = 1.0  # seconds between retries of kept polls while writes fail
 RETRY_SLICE = 2_000  # kept polls per retried transaction: a failing retry stays cheap
+# Seconds between evaluations of rollout gates by each worker: the writer wakes at
+# least every flush_interval, so gates run well within SPEC's 5 s.
+GATE_INTERVAL = 4.0
+# Seconds a full --max-in-flight/--max-per-hour is believed without asking the
+# writer again: short, since a verified success frees a slot at any time.
+LIMITED_FOR = 1.0
 
 
 class EndpointWriter:
@@ -99,8 +120,10 @@ class EndpointWriter:
         max_unrecorded: int = MAX_UNRECORDED,
         *,
         connect_db: Callable[[Path], Any] = connect,  # tests give a database that fills up
+        gate_interval: float = GATE_INTERVAL,
     ) -> None:
         self.db_path = db_path
+        self.gate_interval = gate_interval
         self._connect = connect_db
         self.flush_interval = flush_interval
         self.max_unrecorded = max_unrecorded
@@ -114,6 +137,8 @@ class EndpointWriter:
         self._failing_since = 0.0  # time.monotonic() when writes began to fail
         self._next_retry = 0.0
         self._dropped = 0  # polls of devices past max_unrecorded, this episode
+        self._next_gates = 0.0
+        self._gates_failing = False
 
     def start(self) -> None:
         self._thread.start()
@@ -133,6 +158,19 @@ class EndpointWriter:
         self._queue.put(("report", reports, done))
         self._urgent.set()
 
+    def reserve(
+        self,
+        items: Sequence[tuple[int, str, str | None, str, datetime]],
+        done: Callable[[list[datetime | Exception | None]], None],
+    ) -> None:
+        """Open rollout attempts, each ``(rollout_id, serial, parent, version, now)``.
+
+        ``done`` gets one result per item: None (offer V), the time a limit frees
+        (answer ``rate-limited``), or the error that kept it from opening.
+        """
+        self._queue.put(("reserve", items, done))
+        self._urgent.set()
+
     def stop(self) -> None:
         """Flush what is queued and end the thread."""
         self._queue.put(("stop", None, None))
@@ -144,9 +182,12 @@ class EndpointWriter:
         try:
             stop = False
             while not stop:
+                if time.monotonic() >= self._next_gates:
+                    self._evaluate_gates(db)
                 polls: list = []
                 reports: list = []
                 waiting: list = []
+                reservations: list = []
                 try:
                     first = self._queue.get(timeout=self.flush_interval)
                 except queue.Empty:
@@ -171,16 +212,20 @@ class EndpointWriter:
                     elif kind == "report":
                         reports.append(payload)
                         waiting.append(done)
+                    elif kind == "reserve":
+                        reservations.append((payload, done))
                     else:
                         stop = True
-                self._write(db, polls, reports, waiting, last=stop)
+                self._write(db, polls, reports, waiting, reservations, last=stop)
         finally:
             db.close()
 
-    def _write(self, db, polls, reports, waiting, last: bool = False) -> None:
+    def _write(self, db, polls, reports, waiting, reservations=(), last: bool = False) -> None:
         if polls or self._unrecorded:
             # A waiting report may be about a device whose first poll is kept.
             self._record_polls(db, polls, retry_now=bool(reports) or last)
+        for items, done in reservations:
+            done([self._reserve(db, *item) for item in items])
         if last and self._unrecorded:
             log.error(
                 "stopping with %d polls not recorded: %s",
@@ -188,8 +233,12 @@ class EndpointWriter:
                 "the database still cannot be written",
             )
         if reports:
+            events: list[str] = []
             try:
-                outcomes: list[Exception | None] = list(record_report_groups(db, reports))
+                outcomes: list[Exception | None] = list(
+                    record_report_groups(db, reports, events=events)
+                )
+                _log_events(events)
             except Exception as e:
                 # One line: a full disk or a held lock is an operator's matter, not a bug.
                 log.error(
@@ -214,8 +263,10 @@ class EndpointWriter:
 
     def _record_polls(self, db, polls, *, retry_now: bool) -> None:
         if not self._unrecorded:
+            events: list[str] = []
             try:
-                record_polls(db, polls)
+                record_polls(db, polls, events=events)
+                _log_events(events)
                 return
             except Exception as e:
                 if not _unwritable(e):
@@ -239,8 +290,10 @@ class EndpointWriter:
         recorded = 0
         for start in range(0, len(kept), RETRY_SLICE):
             chunk = kept[start : start + RETRY_SLICE]
+            events = []
             try:
-                record_polls(db, chunk)
+                record_polls(db, chunk, events=events)
+                _log_events(events)
             except Exception as e:
                 if _unwritable(e):
                     self._next_retry = time.monotonic() + RETRY_EVERY
@@ -262,6 +315,34 @@ class EndpointWriter:
             dropped,
         )
         self._dropped = 0
+
+    def _reserve(
+        self, db, rollout_id: int, serial: str, parent: str | None, version: str, now: datetime
+    ) -> datetime | Exception | None:
+        try:
+            return reserve_attempt(db, rollout_id, serial, parent, now=now, version=version)
+        except Conflict as e:
+            return e  # the rollout stopped, or the device became held, since the decision
+        except Exception as e:
+            log.error("Could not open a rollout attempt for %r: %s", serial[:64], one_line(e))
+            return e
+
+    def _evaluate_gates(self, db) -> None:
+        """Rollout gates, timeouts and halts (SPEC section 6: at least every 5 s)."""
+        self._next_gates = time.monotonic() + self.gate_interval
+        try:
+            if db.execute(f"SELECT 1 FROM rollouts WHERE {ACTIVE_SQL} LIMIT 1").fetchone():
+                _log_events(evaluate(db))
+        except Exception as e:
+            # Evaluated again at the next interval. One line when it starts failing
+            # and one when it works again, never a traceback.
+            if not self._gates_failing:
+                log.error("Could not evaluate rollout gates (retrying): %s", one_line(e))
+            self._gates_failing = True
+            return
+        if self._gates_failing:
+            log.warning("rollout gates evaluated again")
+            self._gates_failing = False
 
     def _keep(self, polls) -> None:
         """Keep the newest poll of each device, for at most ``max_unrecorded`` devices."""
@@ -289,6 +370,9 @@ class PollApp:
         self.writer = EndpointWriter(home.path / "dynupdate.db", self.options.flush_interval)
         self._bases: dict[str, str] = {}  # package URL base per Host header
         self._bind_serial = self.options.bind_serial
+        # Per rollout id: (time.monotonic() until which, retryAt) after a reservation
+        # found --max-in-flight or --max-per-hour full.
+        self._limited: dict[int, tuple[float, datetime]] = {}
 
     def start(self) -> None:
         self.writer.start()
@@ -324,7 +408,10 @@ class PollApp:
             )
         try:
             if request.path == "/poll":
-                return self._poll(request)
+                response = self._poll(request)
+                if type(response) is not Response:  # an offer that opens an attempt
+                    response = await response
+                return response
             return await self._report(request)
         except protocol.ProtocolError as e:
             return _error(400, e.code, e.message)
@@ -350,7 +437,8 @@ class PollApp:
             base = self._bases[host] = self._package_base(request)
         return base + sha256
 
-    def _poll(self, request: Request) -> Response:
+    def _poll(self, request: Request) -> Response | Coroutine[Any, Any, Response]:
+        """The answer; or, when an offer opens a rollout attempt, a coroutine reserving first."""
         poll = protocol.parse_poll(request.body)
         refused: frozenset[str] = frozenset()
         if self._bind_serial:
@@ -360,59 +448,163 @@ class PollApp:
                 return _error(403, protocol.FORBIDDEN, str(e))
         now = self.options.clock()
         fleet = self.fleet()
+        window = fleet.window
         endpoint = poll.endpoint
         in_call, tz = endpoint.in_call, endpoint.tz
         address = request.client[0]
-        answers = []
-        sightings = []
+        answers: list = []
+        sightings: list = []
+        reserving: list[tuple[int, int, Any, Decision, int]] | None = None
         for device in (endpoint, *poll.peripherals):
             serial, type_, version = device.serial, device.type, device.version
             if refused and serial in refused:
                 # Another endpoint's: answered on its own, recorded nowhere.
                 answers.append(protocol.NoOffer(serial, type_, protocol.FORBIDDEN))
                 continue
-            decision = fleet.decide(DeviceState(serial, type_, version, in_call, tz), now)
-            package = decision.package
-            if package is not None:
-                url = self._package_url(request, package.sha256)
-                # Offers are rare next to polls: one indexed read, only for them.
-                key = key_for(self.home.db, serial, package.version)
-                answers.append(
-                    protocol.Offer(
-                        serial, type_, package.version, package.size, package.sha256,
-                        package.name, url, key,
-                    )
-                )  # fmt: skip
-                offered = package.version
+            kind = fleet.of(type_)
+            rollout = kind.rollout
+            state = DeviceState(serial, type_, version, in_call, tz)
+            if rollout is None:
+                decision = decide_for_target(kind.policy, kind.target, window, state, now)
+                rollout_id = None
             else:
-                answers.append(protocol.NoOffer(serial, type_, decision.reason, decision.retry_at))
-                offered = None
-            # Sighting(serial, type, version, model, mac, tz, in_call, address, parent, offered)
-            if device is endpoint:
-                sighting = Sighting(
-                    serial, type_, version, endpoint.model, endpoint.mac, tz, in_call, address,
-                    None, offered,
-                )  # fmt: skip
-            else:
-                sighting = Sighting(
-                    serial, type_, version, None, None, tz, in_call, address, endpoint.serial,
-                    offered,
-                )  # fmt: skip
-            sightings.append((sighting, now))
+                decision = self._decide_in_rollout(fleet, rollout, state, endpoint.serial, now)
+                rollout_id = rollout.id
+                if decision.opens_attempt:
+                    # Answered once its slot is taken (or refused): see _reserve_then_answer.
+                    reserving = reserving or []
+                    reserving.append((len(answers), len(sightings), device, decision, rollout_id))
+                    answers.append(None)
+                    sightings.append(None)
+                    continue
+            self._answer(request, device, endpoint, decision, rollout_id, address, now,
+                         answers, sightings)  # fmt: skip
+        if reserving is not None:
+            return self._reserve_then_answer(request, poll, reserving, answers, sightings, now)
+        return self._poll_answer(endpoint.serial, answers, sightings, now)
+
+    def _answer(
+        self, request, device, endpoint, decision: Decision, rollout_id, address, now,
+        answers: list, sightings: list,
+    ) -> None:  # fmt: skip
+        """Append the answer for one device and what its poll records."""
+        serial, type_, version = device.serial, device.type, device.version
+        package = decision.package
+        if package is not None:
+            url = self._package_url(request, package.sha256)
+            # Offers are rare next to polls: one indexed read, only for them.
+            key = key_for(self.home.db, serial, package.version)
+            answers.append(
+                protocol.Offer(
+                    serial, type_, package.version, package.size, package.sha256,
+                    package.name, url, key,
+                )
+            )  # fmt: skip
+            offered = package.version
+        else:
+            answers.append(protocol.NoOffer(serial, type_, decision.reason, decision.retry_at))
+            offered = None
+        # Sighting(serial, type, version, model, mac, tz, in_call, address, parent, offered,
+        # rollout)
+        tz, in_call = endpoint.tz, endpoint.in_call
+        if device is endpoint:
+            sighting = Sighting(
+                serial, type_, version, endpoint.model, endpoint.mac, tz, in_call, address,
+                None, offered, rollout_id,
+            )  # fmt: skip
+        else:
+            sighting = Sighting(
+                serial, type_, version, None, None, tz, in_call, address, endpoint.serial,
+                offered, rollout_id,
+            )  # fmt: skip
+        sightings.append((sighting, now))
+
+    def _poll_answer(self, lead: str, answers: list, sightings: list, now: datetime) -> Response:
         self.writer.polls(sightings)
         body = protocol.poll_response(answers, self.options.poll_interval, now)
         outcome = "update" if isinstance(answers[0], protocol.Offer) else answers[0].reason
-        return Response(200, [XML], body, log=f"{endpoint.serial} poll {outcome}")
+        return Response(200, [XML], body, log=f"{lead} poll {outcome}")
+
+    def _decide_in_rollout(
+        self, fleet: FleetState, rollout: ActiveRollout, state: DeviceState, lead: str,
+        now: datetime,
+    ) -> Decision:  # fmt: skip
+        """Section 6's decision; the device's attempts are read only when V may be offered."""
+        view = rollout.view
+        trial = fleet.trial
+        standing = Standing(bucket(lead), bool(trial) and (state.serial in trial or lead in trial))
+        if not state.in_call and admitted(view, standing) and not _on_or_past(state.version, view):
+            _attempted, held, attempt_open = device_standing(
+                self.home.db, rollout.id, state.serial, rollout.max_attempts
+            )
+            limited = self._limited.get(rollout.id) if rollout.limited else None
+            until = limited[1] if limited and limited[0] > time.monotonic() else None
+            standing = Standing(standing.bucket, standing.trial, held, attempt_open, until)
+        return decide_rollout(view, standing, fleet.window, state, now)
+
+    async def _reserve_then_answer(
+        self,
+        request: Request,
+        poll: protocol.Poll,
+        reserving: list[tuple[int, int, Any, Decision, int]],
+        answers: list,
+        sightings: list,
+        now: datetime,
+    ) -> Response:
+        """Take the attempts' slots through the writer (one lock: limits hold across workers)."""
+        endpoint = poll.endpoint
+        parent = endpoint.serial
+        items = [
+            (rollout_id, device.serial, None if device is endpoint else parent, device.version, now)
+            for _, _, device, _, rollout_id in reserving
+        ]
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def done(results: list[datetime | Exception | None]) -> None:
+            loop.call_soon_threadsafe(_settle, future, results)
+
+        self.writer.reserve(items, done)
+        results = await future
+        address = request.client[0]
+        for (at, seen_at, device, decision, rollout_id), result in zip(
+            reserving, results, strict=True
+        ):
+            if result is None:
+                answer_decision = decision
+            elif isinstance(result, datetime):
+                # Full: for a moment, answer the rollout's other admitted devices without
+                # asking the writer (a device that polls in a loop costs no transaction).
+                self._limited[rollout_id] = (time.monotonic() + LIMITED_FOR, result)
+                answer_decision = Decision(
+                    reason=Reason.RATE_LIMITED, retry_at=max(result, now + RATE_LIMIT_RETRY)
+                )
+            else:
+                # A limit is full, or the rollout stopped or the device became held since
+                # the decision (or the database cannot be written): come back later.
+                retry = result if isinstance(result, datetime) else now
+                answer_decision = Decision(
+                    reason=Reason.RATE_LIMITED, retry_at=max(retry, now + RATE_LIMIT_RETRY)
+                )
+            one_answer: list = []
+            one_sighting: list = []
+            self._answer(request, device, endpoint, answer_decision, rollout_id, address, now,
+                         one_answer, one_sighting)  # fmt: skip
+            answers[at] = one_answer[0]
+            sightings[seen_at] = one_sighting[0]
+        return self._poll_answer(endpoint.serial, answers, sightings, now)
 
     async def _report(self, request: Request) -> Response:
         report = protocol.parse_report(request.body)
         if self._bind_serial and (denied := await self._deny_report(request, report)) is not None:
             return denied
         now = self.options.clock()
+        fleet = self.fleet()
         items = [
-            (StatusReport(d.serial, d.type, d.version, d.state, d.detail), now)
+            (StatusReport(d.serial, d.type, d.version, d.state, d.detail,
+                          _rollout_id(fleet, d.type)), now)
             for d in report.devices
-        ]
+        ]  # fmt: skip
         error = await self._store_report(items)
         if isinstance(error, UnknownDevice):
             # The device's first poll may wait for the grouped write of another
@@ -493,6 +685,16 @@ class PollApp:
         )
 
 
+def _on_or_past(version: str, view: RolloutView) -> bool:
+    """Whether a device on ``version`` runs the rollout's version or newer (up-to-date)."""
+    return version == view.version or version_key(version) >= version_key(view.version)
+
+
+def _rollout_id(fleet: FleetState, type_: str) -> int | None:
+    rollout = fleet.of(type_).rollout
+    return None if rollout is None else rollout.id
+
+
 def _owner(parents: dict[str, str | None], serial: str) -> str | None:
     """Who speaks for a registered device: its parent, or itself for an endpoint."""
     if serial not in parents:
@@ -504,6 +706,14 @@ def _owner(parents: dict[str, str | None], serial: str) -> str | None:
 def _unwritable(error: Exception) -> bool:
     """The database cannot be written for now (full, read-only, locked), as opposed to a bug."""
     return isinstance(error, (sqlite3.OperationalError, StorageError))
+
+
+def _log_events(events: Sequence[str]) -> None:
+    """Rollout transitions made by this process, one line each (no other process logs them)."""
+    for line in events:
+        # A timeout names a device's serial: shown, never obeyed by a terminal.
+        shown = line if line.isprintable() else line.encode("unicode_escape").decode("ascii")
+        log.warning("rollout: %s", shown)
 
 
 def _settle(future: asyncio.Future, error: Exception | None) -> None:

@@ -235,7 +235,7 @@ def test_a_revert_fails_a_verified_success(gs):
     attempts.reserve_attempt(gs.db, rollout.id, serial, None, now=T0)
     note(gs, rollout, [Seen(serial, "6.2.2")], T0)
     assert summary(gs)["succeeded"] == 1
-    note(gs, rollout, [Seen(serial, "6.2.1")], T0)
+    note(gs, rollout, [Seen(serial, "6.2.1")], T0 + timedelta(minutes=5))
     data = summary(gs)
     assert (data["succeeded"], data["failed"]) == (0, 1)
     row = gs.db.execute("SELECT detail FROM rollout_devices WHERE serial = ?", (serial,))
@@ -249,7 +249,8 @@ def test_an_installed_report_alone_does_not_verify(gs):
     attempts.reserve_attempt(gs.db, rollout.id, serial, None, now=T0)
     note(gs, rollout, [Seen(serial, "6.2.2", "installed")], T0)
     assert summary(gs)["succeeded"] == 0
-    note(gs, rollout, [Seen(serial, "6.2.1")], T0)  # came back on the old version
+    # back on the old version
+    note(gs, rollout, [Seen(serial, "6.2.1")], T0 + timedelta(minutes=5))
     assert summary(gs)["failed"] == 1
 
 
@@ -341,3 +342,21 @@ def test_the_dry_run_counts_known_devices_per_wave_and_changes_nothing(gs):
     assert rollout_records.active_rollout(gs.db, TYPE) is None
     assert len(list_entries(gs.db)) == before
     assert [p.version for p in list_packages(gs.db, TYPE)] == ["6.2.1", "6.2.2"]
+
+
+def test_a_poll_received_before_the_installed_report_is_no_revert(gs):
+    # Another worker's writer may write a poll it received before the device's
+    # installed report (or its success) only after them: that is no revert.
+    (serial,) = serials_in(0, 100, 1)
+    register(gs, [serial])
+    rollout = start(gs)
+    attempts.reserve_attempt(gs.db, rollout.id, serial, None, now=T0)
+    later = T0 + timedelta(seconds=30)
+    note(gs, rollout, [Seen(serial, "6.2.2", "installed", at=later)], later)
+    note(gs, rollout, [Seen(serial, "6.2.1", at=T0 + timedelta(seconds=29))], later)
+    assert summary(gs)["failed"] == 0
+    note(gs, rollout, [Seen(serial, "6.2.2", at=later + timedelta(seconds=1))], later)
+    note(gs, rollout, [Seen(serial, "6.2.1", at=later + timedelta(microseconds=500_000))], later)
+    assert (summary(gs)["succeeded"], summary(gs)["failed"]) == (1, 0)
+    note(gs, rollout, [Seen(serial, "6.2.1", at=later + timedelta(seconds=2))], later)
+    assert (summary(gs)["succeeded"], summary(gs)["failed"]) == (0, 1)

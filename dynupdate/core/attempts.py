@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 import sqlite_utils
 
@@ -117,9 +117,11 @@ def halt_if_failing(db: sqlite_utils.Database, rollout: Rollout, now: datetime) 
     if rollout.state not in (RolloutState.RUNNING, RolloutState.PAUSED):
         return None
     since = utc_text(rollout.resumed_at) if rollout.resumed_at else ""
+    # Times are kept to the second: an outcome in the second of the resume counts
+    # (a failure right after a resume must be able to halt again).
     failed, succeeded = db.execute(
-        "SELECT sum(failures > 0 AND succeeded_at IS NULL AND failed_at > ?),"
-        " sum(succeeded_at > ?) FROM rollout_devices WHERE rollout_id = ?",
+        "SELECT sum(failures > 0 AND succeeded_at IS NULL AND failed_at >= ?),"
+        " sum(succeeded_at >= ?) FROM rollout_devices WHERE rollout_id = ?",
         (since, since, rollout.id),
     ).fetchone()
     failed, succeeded = failed or 0, succeeded or 0
@@ -151,22 +153,34 @@ def reserve_attempt(
     parent: str | None,
     *,
     now: datetime | None = None,
+    version: str | None = None,
 ) -> datetime | None:
     """Open an attempt for an offer of V, within the limits; or the ``retryAt`` when full.
 
     Runs in its own write transaction: the limits are read and the slot taken
     under one lock, so no number of workers can exceed ``--max-in-flight`` or
     ``--max-per-hour``. An attempt already open is kept (None: offer V again).
+    ``version``: what the poll asking for it says the device runs, noted first
+    (a revert it shows ends the previous attempt before this one opens).
+
+    Raises :class:`Conflict` when, since the poll was decided, the rollout
+    stopped running or the device became held: V must not be offered then.
     """
     now = now or utc_now()
     with write(db):
+        if version is not None:
+            note_devices(db, rollout_id, [Seen(serial, version, at=now)], now)
         rollout = load_rollout(db, rollout_id)
+        if rollout.state != RolloutState.RUNNING:
+            raise Conflict(f"The rollout of {rollout.type} is {rollout.state}.")
         row = db.execute(
-            "SELECT open_at FROM rollout_devices WHERE rollout_id = ? AND serial = ?",
+            "SELECT open_at, failures FROM rollout_devices WHERE rollout_id = ? AND serial = ?",
             (rollout_id, serial),
         ).fetchone()
         if row is not None and row[0] is not None:
             return None
+        if row is not None and row[1] >= rollout.options.max_attempts:
+            raise Conflict(f"{serial} is held in the rollout of {rollout.type}.")
         retry = _limited_until(db, rollout, now)
         if retry is not None:
             return retry
@@ -207,14 +221,17 @@ def _limited_until(db: sqlite_utils.Database, rollout: Rollout, now: datetime) -
     return max(waits) if waits else None
 
 
-@dataclass(frozen=True)
-class Seen:
-    """What a poll or a report says of a device in a rollout (see :func:`note_devices`)."""
+class Seen(NamedTuple):
+    """What a poll or a report says of a device in a rollout (see :func:`note_devices`).
+
+    A tuple: the server makes one per poll of a rollout's type.
+    """
 
     serial: str
     version: str
     state: str | None = None  # a report's state; None for a poll
     detail: str | None = None
+    at: datetime | None = None  # when the server received it
 
 
 def note_devices(
@@ -232,20 +249,39 @@ def note_devices(
     target = version_key(rollout.version)
     stamp = utc_text(now)
     failed = False
+    # Most polls are of devices never offered V: one lookup for all of them, then
+    # a row read only for those the rollout tracks.
+    tracked = {
+        row[0]
+        for row in db.execute(
+            "SELECT serial FROM rollout_devices WHERE rollout_id = ?"
+            " AND serial IN (SELECT value FROM json_each(?))",
+            (rollout_id, json.dumps([item.serial for item in seen])),
+        )
+    }
     for item in seen:
+        if item.serial not in tracked:
+            continue
         row = db.execute(
-            "SELECT attempts, open_at, installed_at, succeeded_at FROM rollout_devices"
+            "SELECT attempts, open_at, installed_at, succeeded_at, said_at FROM rollout_devices"
             " WHERE rollout_id = ? AND serial = ?",
             (rollout_id, item.serial),
         ).fetchone()
         if row is None or not row[0]:
             continue  # never offered V in this rollout: nothing to verify
-        _attempts, open_at, installed_at, succeeded_at = row
+        _attempts, open_at, installed_at, succeeded_at, said_at = row
+        at = (item.at or now).timestamp()
         newer = version_key(item.version) >= target
         if item.state is None:  # a poll: the device says what it runs
             if newer and succeeded_at is None:
-                _succeed(db, rollout_id, item.serial, stamp)
-            elif not newer and (succeeded_at is not None or installed_at is not None):
+                _succeed(db, rollout_id, item.serial, stamp, at)
+            elif (
+                not newer
+                and (succeeded_at is not None or installed_at is not None)
+                # A poll received before the installed report or the success (written
+                # late by another worker's writer) says nothing of what came after.
+                and (said_at is None or at > said_at)
+            ):
                 fail_attempt(db, rollout, item.serial, f"reverted to {item.version}", now)
                 failed = True
         elif open_at is not None and same_version(item.version, rollout.version):
@@ -254,18 +290,20 @@ def note_devices(
                 failed = True
             elif item.state == "installed":
                 db.execute(
-                    "UPDATE rollout_devices SET installed_at = ? WHERE rollout_id = ?"
-                    " AND serial = ?",
-                    (stamp, rollout_id, item.serial),
+                    "UPDATE rollout_devices SET installed_at = ?, said_at = max(?, coalesce("
+                    "said_at, 0)) WHERE rollout_id = ? AND serial = ?",
+                    (stamp, at, rollout_id, item.serial),
                 )
     return halt_if_failing(db, rollout, now) if failed else None
 
 
-def _succeed(db: sqlite_utils.Database, rollout_id: int, serial: str, stamp: str) -> None:
+def _succeed(
+    db: sqlite_utils.Database, rollout_id: int, serial: str, stamp: str, at: float
+) -> None:
     db.execute(
-        "UPDATE rollout_devices SET succeeded_at = ?, open_at = NULL, open_stopped = NULL"
-        " WHERE rollout_id = ? AND serial = ?",
-        (stamp, rollout_id, serial),
+        "UPDATE rollout_devices SET succeeded_at = ?, open_at = NULL, open_stopped = NULL,"
+        " said_at = max(?, coalesce(said_at, 0)) WHERE rollout_id = ? AND serial = ?",
+        (stamp, at, rollout_id, serial),
     )
     db.execute(
         "UPDATE rollout_attempts SET ended_at = ?, outcome = 'succeeded'"
@@ -303,18 +341,33 @@ def retry_device(db: sqlite_utils.Database, serial: str, *, actor: str | None = 
 
 
 def device_standing(
-    db: sqlite_utils.Database, rollout_id: int, serial: str
+    db: sqlite_utils.Database, rollout_id: int, serial: str, max_attempts: int | None = None
 ) -> tuple[bool, bool, bool]:
-    """(attempted, held, attempt_open) of a device in a rollout, read in one indexed lookup."""
-    row = db.execute(
-        "SELECT d.attempts, d.failures, d.open_at, d.succeeded_at, r.options, r.waves"
-        " FROM rollout_devices d JOIN rollouts r ON r.id = d.rollout_id"
-        " WHERE d.rollout_id = ? AND d.serial = ?",
-        (rollout_id, serial),
-    ).fetchone()
-    if row is None:
-        return False, False, False
-    attempts, failures, open_at, succeeded_at, options, waves = row
-    limit = options_from_json(options, parse_waves(json.loads(waves))).max_attempts
+    """(attempted, held, attempt_open) of a device in a rollout, read in one indexed lookup.
+
+    ``max_attempts``: the rollout's, when the caller knows it (the poll server
+    does), which spares reading and parsing the rollout's options.
+    """
+    if max_attempts is not None:
+        row = db.execute(
+            "SELECT attempts, failures, open_at, succeeded_at FROM rollout_devices"
+            " WHERE rollout_id = ? AND serial = ?",
+            (rollout_id, serial),
+        ).fetchone()
+        if row is None:
+            return False, False, False
+        attempts, failures, open_at, succeeded_at = row
+        limit = max_attempts
+    else:
+        row = db.execute(
+            "SELECT d.attempts, d.failures, d.open_at, d.succeeded_at, r.options, r.waves"
+            " FROM rollout_devices d JOIN rollouts r ON r.id = d.rollout_id"
+            " WHERE d.rollout_id = ? AND d.serial = ?",
+            (rollout_id, serial),
+        ).fetchone()
+        if row is None:
+            return False, False, False
+        attempts, failures, open_at, succeeded_at, options, waves = row
+        limit = options_from_json(options, parse_waves(json.loads(waves))).max_attempts
     held = failures >= limit and open_at is None and succeeded_at is None
     return attempts > 0 or failures > 0, held, open_at is not None

@@ -204,6 +204,10 @@ def _m0005(db: sqlite_utils.Database) -> None:
             succeeded_at TEXT,
             failed_at TEXT,
             detail TEXT,
+            -- When the latest installed report or success was received (POSIX
+            -- seconds, to the microsecond): a poll received before it and written
+            -- late by another worker is not a revert.
+            said_at REAL,
             PRIMARY KEY (rollout_id, serial)
         ) WITHOUT ROWID;
         CREATE TABLE rollout_attempts (

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 import sqlite_utils
 
 from dynupdate.core import audit
+from dynupdate.core.attempts import Seen, note_devices
 from dynupdate.core.db import write
 from dynupdate.core.decision import Standing
 from dynupdate.core.devices import type_key
@@ -66,6 +67,9 @@ class Sighting:
     address: str | None = None
     parent_serial: str | None = None
     offered_version: str | None = None
+    # The active rollout of its type: what the poll says of the device's attempt
+    # is noted in the transaction that records the poll.
+    rollout: int | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class StatusReport:
     version: str
     state: str
     detail: str | None = None
+    rollout: int | None = None  # as for Sighting: the active rollout of its type
 
 
 def _history(db, serial: str, at: str, event: str, version: str | None, detail=None) -> None:
@@ -101,17 +106,27 @@ _REFRESH = (
 )
 
 
-def record_polls(db: sqlite_utils.Database, sightings: Sequence[tuple[Sighting, datetime]]) -> None:
+def record_polls(
+    db: sqlite_utils.Database,
+    sightings: Sequence[tuple[Sighting, datetime]],
+    *,
+    events: list[str] | None = None,
+) -> None:
     """Register or refresh devices from polls, in one transaction.
 
     History gets an event only when something worth keeping changes (first
-    seen, a new version, a new offer), never one row per poll.
+    seen, a new version, a new offer), never one row per poll. A sighting with
+    a ``rollout`` is noted for its attempt in the same transaction (a revert
+    that meets a halt rule halts there); a halt appends its line to ``events``.
     """
     touched: set[str] = set()
     conn = db.conn
     second = at = None
     polls = []
+    noted: list[tuple[Sighting, datetime]] = []
     for s, when in sightings:
+        if s.rollout is not None:
+            noted.append((s, when))
         # Polls written together mostly share their second: format it once.
         if when.microsecond:
             when = when.replace(microsecond=0)
@@ -148,6 +163,32 @@ def record_polls(db: sqlite_utils.Database, sightings: Sequence[tuple[Sighting, 
                 if not conn.execute(_REFRESH, refresh).rowcount:
                     _record_poll(db, s, at, touched)
         _prune(db, touched)
+        if noted:
+            _note_rollouts(
+                db,
+                [(s.rollout, Seen(s.serial, s.version, at=when), when) for s, when in noted],
+                events,
+            )
+
+
+def _note_rollouts(
+    db: sqlite_utils.Database,
+    seen: Sequence[tuple[int, Seen, datetime]],
+    events: list[str] | None,
+) -> None:
+    """Note what polls or reports say of rollout attempts, per rollout, in the caller's write."""
+    by_rollout: dict[int, list[Seen]] = {}
+    times: dict[int, list[datetime]] = {}
+    for rollout_id, item, when in seen:
+        by_rollout.setdefault(rollout_id, []).append(item)
+        times.setdefault(rollout_id, []).append(when)
+    for rollout_id, items in by_rollout.items():
+        reason = note_devices(db, rollout_id, items, max(times[rollout_id]))
+        if reason is not None and events is not None:
+            type_, version = db.execute(
+                "SELECT type, version FROM rollouts WHERE id = ?", (rollout_id,)
+            ).fetchone()
+            events.append(f"{type_} {version} halted: {reason}")
 
 
 _CHUNK = 64  # polls refreshed by one executemany
@@ -234,14 +275,19 @@ def record_reports(
 
 
 def record_report_groups(
-    db: sqlite_utils.Database, groups: Sequence[Sequence[tuple[StatusReport, datetime]]]
+    db: sqlite_utils.Database,
+    groups: Sequence[Sequence[tuple[StatusReport, datetime]]],
+    *,
+    events: list[str] | None = None,
 ) -> list[UnknownDevice | None]:
     """Store several reports in one transaction, each all or nothing; per report, its refusal.
 
     The check that every device is registered runs in the transaction that
-    writes, so a device forgotten meanwhile cannot slip through.
+    writes, so a device forgotten meanwhile cannot slip through. Reports with a
+    ``rollout`` are noted for their attempts in that transaction, as for polls.
     """
     refusals: list[UnknownDevice | None] = []
+    noted: list[tuple[int, Seen, datetime]] = []
     with write(db):
         known = registered_parents(db, (r.serial for group in groups for r, _ in group))
         stored: set[str] = set()
@@ -253,9 +299,15 @@ def record_report_groups(
                 continue
             for r, when in group:
                 _store_report(db, r, format_utc(when))
+                if r.rollout is not None:
+                    noted.append(
+                        (r.rollout, Seen(r.serial, r.version, r.state, r.detail, when), when)
+                    )
             stored.update(serials)
             refusals.append(None)
         _prune(db, stored)
+        if noted:
+            _note_rollouts(db, noted, events)
     return refusals
 
 

@@ -309,7 +309,24 @@ def wave_evidence(db: sqlite_utils.Database, rollout: Rollout, now: datetime) ->
 
 
 def _live(db: sqlite_utils.Database, rollout: Rollout, now: datetime) -> int:
-    """K: the wave's own devices on a version older than V heard from within 7 days."""
+    """K: the wave's own devices on a version older than V heard from within 7 days.
+
+    Counted only up to ``--min-devices``: the gate needs min(--min-devices, K), and
+    stopping there reads a handful of rows, not half a million (the last wave of
+    a large type), whose liveness is in the rows, not in an index.
+    """
+    enough = rollout.options.min_devices
+    target = version_key(rollout.version)
+    # The type's versions older than V, from the covering index on (type_key, version, …).
+    older = [
+        version
+        for (version,) in db.execute(
+            "SELECT DISTINCT version FROM endpoints WHERE type_key = ?", (type_key(rollout.type),)
+        )
+        if version_key(version) < target
+    ]
+    if not older:
+        return 0
     cutoff = utc_text(now - LIVE_WINDOW)
     bounds = _wave_bounds(rollout, rollout.wave)
     params: tuple[int, ...] = ()
@@ -319,14 +336,14 @@ def _live(db: sqlite_utils.Database, rollout: Rollout, now: datetime) -> int:
         where, params = f"(e.bucket >= ? AND e.bucket < ? AND NOT {TRIAL_OF})", bounds
         if rollout.wave == 1:
             where = f"({where} OR {TRIAL_OF})"
-    rows = db.execute(
-        "SELECT e.version, count(*) FROM endpoints e WHERE e.type_key = ?"
+    (count,) = db.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM endpoints e WHERE e.type_key = ?"
+        " AND e.version IN (SELECT value FROM json_each(?))"
         " AND (e.last_poll >= ? OR e.last_report >= ?)"
-        f" AND {where} GROUP BY e.version",
-        (type_key(rollout.type), cutoff, cutoff, *params),
-    ).fetchall()
-    target = version_key(rollout.version)
-    return sum(count for version, count in rows if version_key(version) < target)
+        f" AND {where} LIMIT ?)",
+        (type_key(rollout.type), json.dumps(older), cutoff, cutoff, *params, enough),
+    ).fetchone()
+    return count
 
 
 @dataclass(frozen=True)
@@ -438,11 +455,27 @@ def latest_options(db: sqlite_utils.Database, type_: str) -> RolloutOptions:
 
 
 def wave_progress(db: sqlite_utils.Database, rollout: Rollout) -> list[dict[str, Any]]:
-    """Per wave, its own known devices and how many of them succeeded."""
-    known = db.execute(
-        f"SELECT e.bucket, {TRIAL_OF} FROM endpoints e WHERE e.type_key = ?",
-        (type_key(rollout.type),),
-    ).fetchall()
+    """Per wave, its own known devices and how many of them succeeded.
+
+    Devices are counted per bucket range on the (type_key, bucket) index, then
+    the few trial devices moved to the wave they belong to: no row of a large
+    fleet is read (a million endpoints: 1.3 s counted row by row in Python).
+    """
+    key = type_key(rollout.type)
+    # From the few trial serials to their rows: named devices, then the peripherals
+    # of named endpoints not named themselves. CROSS JOIN keeps that order, and the
+    # unary + keeps SQLite from scanning the type's index instead of the parent's.
+    trial = [
+        b
+        for (b,) in db.execute(
+            "SELECT e.bucket FROM trial_devices t CROSS JOIN endpoints e"
+            " ON e.serial = t.serial WHERE +e.type_key = ?"
+            " UNION ALL SELECT e.bucket FROM trial_devices t CROSS JOIN endpoints e"
+            " ON e.parent_serial = t.serial WHERE +e.type_key = ?"
+            " AND e.serial NOT IN (SELECT serial FROM trial_devices)",
+            (key, key),
+        )
+    ]
     done = db.execute(
         "SELECT bucket, trial FROM rollout_devices WHERE rollout_id = ?"
         " AND succeeded_at IS NOT NULL",
@@ -451,11 +484,20 @@ def wave_progress(db: sqlite_utils.Database, rollout: Rollout) -> list[dict[str,
     rows = []
     for index, wave in enumerate(rollout.waves, 1):
         own = _own_of(rollout, index)
+        bounds = _wave_bounds(rollout, index)
+        devices = len(trial) if index == 1 else 0
+        if bounds is not None:
+            low, high = bounds
+            (in_range,) = db.execute(
+                "SELECT count(*) FROM endpoints WHERE type_key = ? AND bucket >= ? AND bucket < ?",
+                (key, low, high),
+            ).fetchone()
+            devices += in_range - sum(1 for b in trial if low <= b < high)
         rows.append(
             {
                 "wave": wave.label,
                 "open": index <= rollout.wave,
-                "devices": sum(1 for b, t in known if own(b, bool(t))),
+                "devices": devices,
                 "succeeded": sum(1 for b, t in done if own(b, bool(t))),
             }
         )
