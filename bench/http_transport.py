@@ -56,7 +56,7 @@ REQUEST = (
 def serve(args: argparse.Namespace) -> None:
     """The server process: prints its port, serves until SIGTERM."""
     from dynupdate.httpd import Response, run
-    from dynupdate.tls import server_context
+    from dynupdate.server.tls import server_context
 
     answer = Response(200, [("Content-Type", "application/xml")], BODY)
 
@@ -171,7 +171,7 @@ def main() -> None:
         client(args)
         return
 
-    from dynupdate.tls import ensure_self_signed
+    from dynupdate.server.tls import ensure_self_signed
 
     cores = sorted(os.sched_getaffinity(0))
     if shutil.which("taskset") and len(cores) >= 2:

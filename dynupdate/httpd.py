@@ -43,7 +43,7 @@ from typing import Any
 import httptools
 
 from dynupdate.core.errors import InvalidInput
-from dynupdate.tlsio import TLSTransport, spoke_plain_http, wrap_server_socket
+from dynupdate.server.tlsio import TLSTransport, spoke_plain_http, wrap_server_socket
 
 __all__ = [
     "ERROR_CODES",

@@ -40,7 +40,7 @@ from dynupdate.core.keys import key_for
 from dynupdate.core.store import is_sha256
 from dynupdate.core.times import utc_now
 from dynupdate.httpd import Request, Response, file_response
-from dynupdate.identity import Forbidden, certificate_names, check_poll, check_report
+from dynupdate.server.identity import Forbidden, certificate_names, check_poll, check_report
 
 __all__ = ["EndpointWriter", "PollApp", "ServeOptions"]
 

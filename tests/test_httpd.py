@@ -26,7 +26,7 @@ from lxml import etree
 
 from dynupdate import httpd
 from dynupdate.httpd import FILE_CHUNK, Request, Response, Server, file_response, loop_factory
-from dynupdate.tls import server_context
+from dynupdate.server.tls import server_context
 
 # ---------------------------------------------------------------------------
 # Fixtures and helpers
@@ -993,7 +993,7 @@ def test_plain_http_without_tls(serve):
 RUN_SCRIPT = """
 import os, sys
 from dynupdate.httpd import Response, run
-from dynupdate.tls import server_context
+from dynupdate.server.tls import server_context
 
 async def app(request):
     return Response(200, [("Content-Type", "text/plain")], str(os.getpid()).encode())

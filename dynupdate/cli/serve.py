@@ -76,8 +76,9 @@ def serve(
 
     Example: dynupdate serve --port 8443 --public-url https://updates.example.com
     """
-    from dynupdate import httpd, tls
+    from dynupdate import fingerprints, httpd
     from dynupdate.serve import PollApp, ServeOptions
+    from dynupdate.server import tls
 
     home = home_of(ctx)
     interval = _seconds(poll_interval)
@@ -117,7 +118,8 @@ def serve(
             "to hold more connections."
         )
         max_connections = lowered
-    say(f"Certificate SHA-256 fingerprint (for --pin): {tls.fingerprint(cert)}", quiet=state.quiet)
+    shown = fingerprints.fingerprint(cert)
+    say(f"Certificate SHA-256 fingerprint (for --pin): {shown}", quiet=state.quiet)
     if client_ca is not None:
         bound = "; each speaks only for its own serial" if bind_serial else ""
         say(f"Endpoints need a client certificate from {client_ca}{bound}", quiet=state.quiet)

@@ -1,0 +1,1 @@
+"""The HTTP/TLS machinery :mod:`dynupdate.serve` composes."""
