@@ -3,8 +3,8 @@
 parse (hardened lxml, :mod:`dynupdate.protocol`) → decide (a cached
 :class:`~dynupdate.core.fleet.FleetState`) → record (a writer thread that
 groups endpoint writes into short transactions) → answer. :meth:`PollApp.handle`
-takes a :class:`~dynupdate.httpd.Request` and needs no socket; the TLS and
-HTTP side is :mod:`dynupdate.httpd`.
+takes a :class:`~dynupdate.server.messages.Request` and needs no socket; the TLS and
+HTTP side is :mod:`dynupdate.server`.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ from dynupdate.core.home import Home
 from dynupdate.core.keys import key_for
 from dynupdate.core.store import is_sha256
 from dynupdate.core.times import utc_now
-from dynupdate.httpd import Request, Response, file_response
+from dynupdate.server.files import file_response
 from dynupdate.server.identity import Forbidden, certificate_names, check_poll, check_report
+from dynupdate.server.messages import Request, Response
 
 __all__ = ["EndpointWriter", "PollApp", "ServeOptions"]
 
@@ -299,7 +300,7 @@ class PollApp:
         self._fleet.close()  # last: it must outlive every connection (see FleetCache)
 
     async def aclose(self) -> None:
-        """Flush queued endpoint writes once the server has drained (called by httpd)."""
+        """Flush queued endpoint writes once the server has drained (called by the server)."""
         await asyncio.get_running_loop().run_in_executor(None, self.close)
 
     def __call__(self, request: Request) -> Coroutine[Any, Any, Response]:

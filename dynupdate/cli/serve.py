@@ -76,9 +76,10 @@ def serve(
 
     Example: dynupdate serve --port 8443 --public-url https://updates.example.com
     """
-    from dynupdate import fingerprints, httpd
+    from dynupdate import fingerprints
     from dynupdate.serve import PollApp, ServeOptions
-    from dynupdate.server import tls
+    from dynupdate.server import listener, tls
+    from dynupdate.server import workers as server_workers
 
     home = home_of(ctx)
     interval = _seconds(poll_interval)
@@ -108,9 +109,9 @@ def serve(
         bind_serial=bind_serial,
     )
     state = state_of(ctx)
-    files = httpd.open_file_limit()
-    if max_connections > files - httpd.FD_RESERVE:
-        lowered = max(1, files - httpd.FD_RESERVE)
+    files = listener.open_file_limit()
+    if max_connections > files - listener.FD_RESERVE:
+        lowered = max(1, files - listener.FD_RESERVE)
         # Always shown, --quiet or not: the server then holds fewer devices than asked.
         say(
             f"--max-connections {max_connections} lowered to {lowered}: the limit of open "
@@ -142,7 +143,7 @@ def serve(
     def log_line(line: str) -> None:
         sys.stderr.write(line + "\n")
 
-    httpd.run(
+    server_workers.run(
         app_factory,
         host,
         port,
