@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Callable
 from email.utils import formatdate
 
-from dynupdate.core.errors import InvalidInput
+from dynupdate.core.errors import DynupdateError, InvalidInput
 from dynupdate.server.connection import Connection
 from dynupdate.server.messages import App, ErrorBody, default_error_body
 from dynupdate.server.reading import WAIT
@@ -159,7 +159,7 @@ class Server:
     ) -> list[tuple[str, int]]:
         """Listen on host:port (port 0: any free port) or on ``sock``; return the addresses."""
         if self._socks:
-            raise RuntimeError("this server is already started")
+            raise DynupdateError("This server is already started.")
         self.loop = self.state.loop = loop = asyncio.get_running_loop()
         if sock is None:
             socks = listen_sockets(host, port, reuse_port=reuse_port, backlog=self.backlog)

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from dynupdate.core.errors import InvalidInput
+from dynupdate.core.errors import DynupdateError, InvalidInput
 from dynupdate.server.listener import Server, listen_sockets
 from dynupdate.server.messages import App
 
@@ -236,4 +236,4 @@ def _supervise(
         for fd in (ready_r, ready_w, alive_r, alive_w):
             os.close(fd)
     if failure:
-        raise RuntimeError(f"The server stopped: {failure}; see the errors above.")
+        raise DynupdateError(f"The server stopped: {failure}; see the errors above.")
