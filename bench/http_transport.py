@@ -1,6 +1,6 @@
 """Server CPU per request of dynupdate's HTTP/TLS transport, with a trivial app.
 
-The server (dynupdate.httpd.run, one process) is pinned to one core, the load
+The server (dynupdate.server.workers.run, one process) is pinned to one core, the load
 clients to another; the server's CPU time comes from /proc/<pid>/schedstat
 (nanoseconds; /proc/<pid>/stat as a fallback). Two modes:
 
@@ -55,8 +55,9 @@ REQUEST = (
 
 def serve(args: argparse.Namespace) -> None:
     """The server process: prints its port, serves until SIGTERM."""
-    from dynupdate.httpd import Response, run
-    from dynupdate.tls import server_context
+    from dynupdate.server.messages import Response
+    from dynupdate.server.tls import server_context
+    from dynupdate.server.workers import run
 
     answer = Response(200, [("Content-Type", "application/xml")], BODY)
 
@@ -171,7 +172,7 @@ def main() -> None:
         client(args)
         return
 
-    from dynupdate.tls import ensure_self_signed
+    from dynupdate.server.tls import ensure_self_signed
 
     cores = sorted(os.sched_getaffinity(0))
     if shutil.which("taskset") and len(cores) >= 2:
@@ -187,7 +188,7 @@ def main() -> None:
         server = subprocess.Popen(taskset(server_core) + command, stdout=subprocess.PIPE, text=True)
         try:
             port = int(server.stdout.readline())
-            from dynupdate.httpd import loop_factory
+            from dynupdate.server.workers import loop_factory
 
             loop = "asyncio" if loop_factory(args.loop) is None else "uvloop"
             tls = "plain HTTP" if args.plain else "TLS, ECDSA P-256"

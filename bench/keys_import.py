@@ -37,8 +37,8 @@ from dynupdate.core.home import open_home  # noqa: E402
 from dynupdate.core.keys import import_keys, key_for, read_keys_csv  # noqa: E402
 from dynupdate.core.packages import add_package  # noqa: E402
 from dynupdate.core.policies import set_policy  # noqa: E402
-from dynupdate.httpd import Request  # noqa: E402
 from dynupdate.serve import PollApp, ServeOptions  # noqa: E402
+from dynupdate.server.messages import Request  # noqa: E402
 
 VERSIONS = ("6.2.2.0-100", "6.3.0")
 

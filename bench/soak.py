@@ -65,7 +65,7 @@ sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 from _server import Serve, admin, cpu_times, interference, two_cores  # noqa: E402
 
 from dynupdate.endpoint import Device, Endpoint, EndpointClient, EndpointError  # noqa: E402
-from dynupdate.httpd import loop_factory  # noqa: E402
+from dynupdate.server.workers import loop_factory  # noqa: E402
 
 GS, GS_OLD, GS_TARGETS = "GroupSeries", "6.2.1.1-600021", ("6.2.2.0-100", "6.2.3.0-10")
 CAM, CAM_OLD, CAM_TARGET = "EagleEyeIV", "1.3.0", "1.4.0"

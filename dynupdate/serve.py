@@ -3,17 +3,20 @@
 parse (hardened lxml, :mod:`dynupdate.protocol`) → decide (a cached
 :class:`~dynupdate.core.fleet.FleetState`) → record (a writer thread that
 groups endpoint writes into short transactions) → answer. :meth:`PollApp.handle`
-takes a :class:`~dynupdate.httpd.Request` and needs no socket; the TLS and
-HTTP side is :mod:`dynupdate.httpd`.
+takes a :class:`~dynupdate.server.messages.Request` and needs no socket; the TLS and
+HTTP side is :mod:`dynupdate.server`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import re
+import socket
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -22,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from dynupdate import protocol
+from dynupdate import fingerprints, protocol
 from dynupdate.core.attempts import device_standing, reserve_attempt
 from dynupdate.core.db import connect
 from dynupdate.core.decision import (
@@ -43,9 +46,9 @@ from dynupdate.core.endpoints import (
     record_report_groups,
     registered_parents,
 )
-from dynupdate.core.errors import Conflict, StorageError, one_line
+from dynupdate.core.errors import Conflict, InvalidInput, StorageError, one_line
 from dynupdate.core.fleet import ActiveRollout, FleetCache, FleetState
-from dynupdate.core.home import Home
+from dynupdate.core.home import Home, home_locked, open_home
 from dynupdate.core.keys import key_for
 from dynupdate.core.rollout_records import ACTIVE_SQL
 from dynupdate.core.rollouts import evaluate
@@ -54,10 +57,12 @@ from dynupdate.core.times import utc_now
 from dynupdate.core.versions import version_key
 from dynupdate.core.vocabulary import Reason
 from dynupdate.core.waves import bucket
-from dynupdate.httpd import Request, Response, file_response
-from dynupdate.identity import Forbidden, certificate_names, check_poll, check_report
+from dynupdate.server import listener, tls, workers
+from dynupdate.server.files import file_response
+from dynupdate.server.identity import Forbidden, certificate_names, check_poll, check_report
+from dynupdate.server.messages import Request, Response
 
-__all__ = ["EndpointWriter", "PollApp", "ServeOptions"]
+__all__ = ["EndpointWriter", "PollApp", "ServeConfig", "ServeOptions", "run_server"]
 
 log = logging.getLogger("dynupdate.serve")
 
@@ -383,7 +388,7 @@ class PollApp:
         self._fleet.close()  # last: it must outlive every connection (see FleetCache)
 
     async def aclose(self) -> None:
-        """Flush queued endpoint writes once the server has drained (called by httpd)."""
+        """Flush queued endpoint writes once the server has drained (called by the server)."""
         await asyncio.get_running_loop().run_in_executor(None, self.close)
 
     def __call__(self, request: Request) -> Coroutine[Any, Any, Response]:
@@ -719,3 +724,135 @@ def _log_events(events: Sequence[str]) -> None:
 def _settle(future: asyncio.Future, error: Exception | None) -> None:
     if not future.done():
         future.set_result(error)
+
+
+# ---------------------------------------------------------------------------
+# Running the server: what `dynupdate serve` calls
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What ``dynupdate serve`` was given; the defaults are its options' defaults."""
+
+    host: str = "0.0.0.0"
+    port: int = 8443
+    cert: Path | None = None  # with key; both None: a self-signed one made in the home
+    key: Path | None = None
+    client_ca: Path | None = None  # mutual TLS
+    bind_serial: bool = False
+    poll_interval: int = 3600
+    public_url: str | None = None
+    package_url: str | None = None
+    workers: int = 0  # 0: one per core
+    max_connections: int = 10_000  # per worker, lowered to what the open-file limit allows
+    max_per_client: int | None = 1_000  # None: no cap
+    request_timeout: float = 30.0
+    access_log: bool = True
+
+
+def _stderr_line(line: str) -> None:
+    sys.stderr.write(line + "\n")
+
+
+def run_server(
+    home_path: Path | None,
+    config: ServeConfig,
+    *,
+    say: Callable[[str], None] = _stderr_line,
+    quiet: bool = False,
+) -> None:
+    """Serve endpoints from the home until SIGINT or SIGTERM. Blocks.
+
+    Checks ``config`` (InvalidInput naming the bad value), holds the home's
+    lock while the server and its workers run, makes the self-signed
+    certificate on first use. ``say`` gets the lines for the admin: the
+    certificate's fingerprint and where it serves (not with ``quiet``), and a
+    lowered ``max_connections`` (always). Access and connection log lines go
+    to stderr.
+    """
+    _check(config)
+    home = open_home(home_path)
+    home_path = home.path
+    # Each worker opens its own connection: none may inherit this one across fork.
+    home.close()
+    # Held while the server runs; the workers it forks share it (see lock_home).
+    with home_locked(home_path, "serve", "stop it first, or use another --home."):
+        _serve_locked(home_path, config, say, quiet)
+
+
+def _check(config: ServeConfig) -> None:
+    if config.bind_serial and config.client_ca is None:
+        raise InvalidInput(
+            "--bind-serial needs --client-ca FILE: the serial comes from the endpoint's "
+            "client certificate."
+        )
+    for name, url in (("--public-url", config.public_url), ("--package-url", config.package_url)):
+        if url is not None and not url.startswith(("https://", "http://")):
+            raise InvalidInput(f"Invalid {name} '{url}': use an http(s):// URL.")
+    if (config.cert is None) != (config.key is None):
+        raise InvalidInput("Give both --cert and --key, or neither (a self-signed one is made).")
+
+
+def _serve_locked(
+    home_path: Path, config: ServeConfig, say: Callable[[str], None], quiet: bool
+) -> None:
+    cert, key = config.cert, config.key
+    if cert is None or key is None:
+        cert, key = tls.ensure_self_signed(home_path)
+    context = tls.server_context(cert, key, config.client_ca)
+    worker_count = config.workers or os.cpu_count() or 1
+    host, port = config.host, config.port
+    shown_host = socket.gethostname() if host in ("0.0.0.0", "::") else host
+    options = ServeOptions(
+        poll_interval=config.poll_interval,
+        public_url=config.public_url,
+        package_url=config.package_url,
+        fallback_base=f"https://{shown_host}:{port}",
+        bind_serial=config.bind_serial,
+    )
+    max_connections = config.max_connections
+    files = listener.open_file_limit()
+    if max_connections > files - listener.FD_RESERVE:
+        lowered = max(1, files - listener.FD_RESERVE)
+        # Always shown, quiet or not: the server then holds fewer devices than asked.
+        say(
+            f"--max-connections {max_connections} lowered to {lowered}: the limit of open "
+            f"files is {files}. Raise it (ulimit -n, or LimitNOFILE= in a systemd unit) "
+            "to hold more connections."
+        )
+        max_connections = lowered
+    if not quiet:
+        say(f"Certificate SHA-256 fingerprint (for --pin): {fingerprints.fingerprint(cert)}")
+        if config.client_ca is not None:
+            bound = "; each speaks only for its own serial" if config.bind_serial else ""
+            say(f"Endpoints need a client certificate from {config.client_ca}{bound}")
+
+    def app_factory() -> PollApp:
+        app = PollApp(open_home(home_path), options)
+        app.start()
+        return app
+
+    def ready(addresses: list[tuple[str, int]]) -> None:
+        if not quiet:
+            where = ", ".join(f"https://{_url_host(h)}:{p}" for h, p in addresses)
+            processes = f"{worker_count} worker" + ("s" if worker_count != 1 else "")
+            say(f"Serving {where} from {home_path} ({processes})")
+        sys.stderr.flush()
+
+    workers.run(
+        app_factory,
+        host,
+        port,
+        context,
+        workers=worker_count,
+        ready=ready,
+        max_connections=max_connections,
+        max_per_client=config.max_per_client,
+        request_timeout=config.request_timeout,
+        access_log=_stderr_line if config.access_log else None,
+        connection_log=_stderr_line,
+    )
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -27,7 +27,7 @@ from dynupdate.endpoint import (
     PollAnswer,
     parse_poll_response,
 )
-from dynupdate.tls import fingerprint
+from dynupdate.fingerprints import fingerprint
 
 NOW = datetime(2026, 11, 27, 16, 0, tzinfo=UTC)
 

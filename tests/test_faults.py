@@ -346,7 +346,8 @@ def test_kill_9_under_load_loses_no_acknowledged_report(start_server, home_dir):
 
 FSIZE_SCRIPT = """
 import errno, os, resource, signal, sys
-from dynupdate.httpd import Response, run
+from dynupdate.server.messages import Response
+from dynupdate.server.workers import run
 
 signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # as in a program embedding Python
 

@@ -24,9 +24,13 @@ import pytest
 import trustme
 from lxml import etree
 
-from dynupdate import httpd
-from dynupdate.httpd import FILE_CHUNK, Request, Response, Server, file_response, loop_factory
-from dynupdate.tls import server_context
+from dynupdate.server import connection, listener, reading
+from dynupdate.server.connection import FILE_CHUNK
+from dynupdate.server.files import file_response
+from dynupdate.server.listener import Server
+from dynupdate.server.messages import Request, Response
+from dynupdate.server.tls import server_context
+from dynupdate.server.workers import loop_factory
 
 # ---------------------------------------------------------------------------
 # Fixtures and helpers
@@ -511,7 +515,7 @@ def test_a_client_that_pipelines_without_reading_is_not_read(serve, client_tls, 
     waiting: list[int] = []  # requests parsed and waiting, each time the app is called
 
     async def app(request: Request) -> Response:
-        waiting.append(max(len(conn.queue) for conn in running.server._conns))
+        waiting.append(max(len(conn.queue) for conn in running.server.state.connections))
         if request.path == "/small":
             return Response(200, [("Content-Type", "text/plain")], b"s" * 1000)
         return await _serve_big(request, sparse)
@@ -534,7 +538,7 @@ def test_a_client_that_pipelines_without_reading_is_not_read(serve, client_tls, 
     if first == b"GET /small":  # (a download is never done: the client reads nothing)
         assert len(waiting) > 100
         # Parsing stops at the end of the 4 KiB slice that filled the queue.
-        assert max(waiting) < httpd.MAX_QUEUED + 4096 // len(request)
+        assert max(waiting) < reading.MAX_QUEUED + 4096 // len(request)
 
 
 # ---------------------------------------------------------------------------
@@ -609,7 +613,7 @@ MANY_HEADERS = b"".join(b"X-H%d: v\r\n" % i for i in range(150))
     ids=lambda value: value[:24] if isinstance(value, bytes) else None,
 )
 def test_limits_answer_an_xml_error_and_close(serve, connect, monkeypatch, raw, status, code, says):
-    monkeypatch.setattr(httpd, "LINGER_QUIET", 0.05)  # lingering has its own test below
+    monkeypatch.setattr(connection, "LINGER_QUIET", 0.05)  # lingering has its own test below
     lines: list[str] = []
     running = serve(access_log=lines.append)
     sock = connect(running)
@@ -787,7 +791,7 @@ def test_connections_per_client_are_counted_until_they_close(serve, connect, loo
     for sock in kept:
         sock.close()
     assert wait_for(lambda: running.server.connections == 0)
-    assert running.server._per_client == {}
+    assert running.server.state.per_client == {}
 
 
 @LOOPS
@@ -830,12 +834,12 @@ def test_a_flood_of_failed_handshakes_logs_a_bounded_number_of_lines(serve):
             plain.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             assert plain.recv(12) == b"HTTP/1.1 400"
     assert wait_for(lambda: running.server.handshake_failures == 200)
-    assert len(lines) == httpd.EVENT_BURST
+    assert len(lines) == listener.EVENT_BURST
     running.stop()  # the count of what was not logged is logged at the end of the period
-    assert len(lines) == httpd.EVENT_BURST + 1
+    assert len(lines) == listener.EVENT_BURST + 1
     assert lines[-1].split(" ", 1)[1] == (
-        f"{200 - httpd.EVENT_BURST} more connection failures not logged "
-        f"(at most {httpd.EVENT_BURST} lines in {httpd.EVENT_PERIOD:g} s)"
+        f"{200 - listener.EVENT_BURST} more connection failures not logged "
+        f"(at most {listener.EVENT_BURST} lines in {listener.EVENT_PERIOD:g} s)"
     )
 
 
@@ -889,7 +893,7 @@ def test_handshakes_that_end_at_once_leave_nothing_behind(serve, loop):
 @LOOPS
 def test_app_exceptions_answer_500_and_the_server_goes_on(serve, client_tls, caplog, loop):
     conn = https(serve(loop=loop), client_tls)
-    with caplog.at_level("ERROR", logger="dynupdate.httpd"):
+    with caplog.at_level("ERROR", logger="dynupdate.server"):
         conn.request("GET", "/boom")
         response = conn.getresponse()
         body = response.read()
@@ -918,7 +922,7 @@ def test_bad_answers_from_the_app_become_500(serve, client_tls, caplog, answer):
         return answer
 
     conn = https(serve(app), client_tls)
-    with caplog.at_level("ERROR", logger="dynupdate.httpd"):
+    with caplog.at_level("ERROR", logger="dynupdate.server"):
         conn.request("GET", "/")
         response = conn.getresponse()
         response.read()
@@ -992,8 +996,9 @@ def test_plain_http_without_tls(serve):
 
 RUN_SCRIPT = """
 import os, sys
-from dynupdate.httpd import Response, run
-from dynupdate.tls import server_context
+from dynupdate.server.messages import Response
+from dynupdate.server.workers import run
+from dynupdate.server.tls import server_context
 
 async def app(request):
     return Response(200, [("Content-Type", "text/plain")], str(os.getpid()).encode())

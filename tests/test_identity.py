@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dynupdate.identity import Forbidden, certificate_names, check_poll, check_report
+from dynupdate.server.identity import Forbidden, certificate_names, check_poll, check_report
 
 
 def test_certificate_names_and_rules():

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from dynupdate import tls
 from dynupdate.core import backup as backup_module
 from dynupdate.core.backup import MANIFEST
 from dynupdate.core.db import DB_NAME
+from dynupdate.server import tls
 
 POLICIES_TRIGGER = (
     "CREATE TRIGGER keep_old AFTER UPDATE ON policies "

@@ -517,12 +517,15 @@ def test_poll_interval_option_and_sigterm_flushes_writes(start_server, tmp_path)
     [
         (["--poll-interval", "0"], "--poll-interval"),
         (["--public-url", "ftp://x"], "ftp://x"),
+        (["--package-url", "cdn.example.com"], "cdn.example.com"),
+        (["--bind-serial"], "--client-ca"),
         (["--cert", "/nonexistent.pem"], "--key"),
         (["--request-timeout", "0"], "--request-timeout"),
         (["--request-timeout", "nan"], "--request-timeout"),
         (["--request-timeout", "soon"], "--request-timeout"),
     ],
 )
-def test_bad_serve_options_are_one_line_errors(cli, args, named):
+def test_bad_serve_options_are_one_line_errors(cli, home_dir, args, named):
     result = cli("serve", "--port", "0", *args, code=1)
     assert named in result.stderr and "Traceback" not in result.output
+    assert not home_dir.exists()  # refused before anything is made

@@ -26,7 +26,7 @@ from dynupdate.endpoint.simulation import (
     parse_seconds,
     split_counts,
 )
-from dynupdate.tls import fingerprint
+from dynupdate.fingerprints import fingerprint
 
 
 def cli(home: Path, *args, code: int = 0):

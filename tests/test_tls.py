@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from dynupdate.core.errors import InvalidInput
-from dynupdate.tls import ensure_self_signed, fingerprint, normalize_fingerprint, server_context
+from dynupdate.fingerprints import fingerprint, normalize_fingerprint
+from dynupdate.server.tls import ensure_self_signed, server_context
 
 
 @contextlib.contextmanager

@@ -12,8 +12,8 @@ import threading
 import pytest
 import trustme
 
-from dynupdate.httpd import loop_factory
-from dynupdate.tlsio import TLSTransport, wrap_server_socket
+from dynupdate.server.tlsio import TLSTransport, wrap_server_socket
+from dynupdate.server.workers import loop_factory
 
 LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 PAYLOAD = hashlib.shake_256(b"dynupdate").digest(8 * 1024 * 1024 + 17)  # no two chunks alike

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
 from pathlib import Path
 
 import typer
 
-from dynupdate.cli._app import home_of, state_of
+from dynupdate.cli._app import state_of
 from dynupdate.cli._output import say
 from dynupdate.core.durations import parse_seconds
-from dynupdate.core.errors import InvalidInput
-from dynupdate.core.home import home_locked, open_home
 
 
 def serve(
@@ -75,86 +70,25 @@ def serve(
 
     Example: dynupdate serve --port 8443 --public-url https://updates.example.com
     """
-    from dynupdate import httpd, tls
-    from dynupdate.serve import PollApp, ServeOptions
+    from dynupdate.serve import ServeConfig, run_server
 
-    home = home_of(ctx)
-    interval = int(
-        parse_seconds(poll_interval, "--poll-interval", least=1, most=7 * 86400, whole=True)
-    )
-    timeout = parse_seconds(request_timeout, "--request-timeout", least=1, most=3600)
-    if bind_serial and client_ca is None:
-        raise InvalidInput(
-            "--bind-serial needs --client-ca FILE: the serial comes from the endpoint's "
-            "client certificate."
-        )
-    for name, url in (("--public-url", public_url), ("--package-url", package_url)):
-        if url is not None and not url.startswith(("https://", "http://")):
-            raise InvalidInput(f"Invalid {name} '{url}': use an http(s):// URL.")
-    if (cert is None) != (key is None):
-        raise InvalidInput("Give both --cert and --key, or neither (a self-signed one is made).")
-    # Held while the server runs; the workers it forks share it (see lock_home).
-    ctx.with_resource(home_locked(home.path, "serve", "stop it first, or use another --home."))
-    if cert is None:
-        cert, key = tls.ensure_self_signed(home.path)
-    context = tls.server_context(cert, key, client_ca)
-    workers = workers or os.cpu_count() or 1
-    shown_host = socket.gethostname() if host in ("0.0.0.0", "::") else host
-    options = ServeOptions(
-        poll_interval=interval,
+    config = ServeConfig(
+        host=host,
+        port=port,
+        cert=cert,
+        key=key,
+        client_ca=client_ca,
+        bind_serial=bind_serial,
+        poll_interval=int(
+            parse_seconds(poll_interval, "--poll-interval", least=1, most=7 * 86400, whole=True)
+        ),
         public_url=public_url,
         package_url=package_url,
-        fallback_base=f"https://{shown_host}:{port}",
-        bind_serial=bind_serial,
-    )
-    state = state_of(ctx)
-    files = httpd.open_file_limit()
-    if max_connections > files - httpd.FD_RESERVE:
-        lowered = max(1, files - httpd.FD_RESERVE)
-        # Always shown, --quiet or not: the server then holds fewer devices than asked.
-        say(
-            f"--max-connections {max_connections} lowered to {lowered}: the limit of open "
-            f"files is {files}. Raise it (ulimit -n, or LimitNOFILE= in a systemd unit) "
-            "to hold more connections."
-        )
-        max_connections = lowered
-    say(f"Certificate SHA-256 fingerprint (for --pin): {tls.fingerprint(cert)}", quiet=state.quiet)
-    if client_ca is not None:
-        bound = "; each speaks only for its own serial" if bind_serial else ""
-        say(f"Endpoints need a client certificate from {client_ca}{bound}", quiet=state.quiet)
-    home_path = home.path
-    # Each worker opens its own connection: none may inherit this one across fork.
-    home.close()
-    state.home = None
-
-    def app_factory():
-        app = PollApp(open_home(home_path), options)
-        app.start()
-        return app
-
-    def ready(addresses: list[tuple[str, int]]) -> None:
-        where = ", ".join(f"https://{_url_host(h)}:{p}" for h, p in addresses)
-        processes = f"{workers} worker" + ("s" if workers != 1 else "")
-        say(f"Serving {where} from {home_path} ({processes})", quiet=state.quiet)
-        sys.stderr.flush()
-
-    def log_line(line: str) -> None:
-        sys.stderr.write(line + "\n")
-
-    httpd.run(
-        app_factory,
-        host,
-        port,
-        context,
         workers=workers,
-        ready=ready,
         max_connections=max_connections,
         max_per_client=max_per_client or None,
-        request_timeout=timeout,
-        access_log=log_line if access_log else None,
-        connection_log=log_line,
+        request_timeout=parse_seconds(request_timeout, "--request-timeout", least=1, most=3600),
+        access_log=access_log,
     )
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
+    state = state_of(ctx)
+    run_server(state.home_path, config, say=say, quiet=state.quiet)

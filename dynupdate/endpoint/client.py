@@ -46,9 +46,9 @@ from dynupdate.endpoint.transport import (
     Transport,
     tls_context,
 )
+from dynupdate.fingerprints import normalize_fingerprint
 from dynupdate.protocol import Offer
 from dynupdate.protocol_client import PollAnswer, poll_document, report_document
-from dynupdate.tls import normalize_fingerprint
 
 __all__ = [
     "BaseClient",

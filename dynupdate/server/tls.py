@@ -1,11 +1,10 @@
-"""TLS for the poll server: a self-signed certificate made once, fingerprints, the context.
+"""TLS for the poll server: a self-signed certificate made once, the context.
 
 Endpoints that cannot be given a CA pin the server certificate by its SHA-256
-fingerprint, so the certificate is made once and then never changes by itself:
+fingerprint (:mod:`dynupdate.fingerprints`), so the certificate is made once
+and then never changes by itself:
 
     >>> cert, key = ensure_self_signed(Path(home))          # doctest: +SKIP
-    >>> fingerprint(cert)                                   # doctest: +SKIP
-    '3f5c…64 hex digits'
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import ipaddress
 import os
 import socket
 import ssl
-import string
 from pathlib import Path
 
 from cryptography import x509
@@ -26,20 +24,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dynupdate.core.errors import InvalidInput
+from dynupdate.fingerprints import load_certs
 
 __all__ = [
     "CERT_NAME",
     "KEY_NAME",
     "ensure_self_signed",
-    "fingerprint",
-    "normalize_fingerprint",
     "server_context",
 ]
 
 CERT_NAME = "server.crt"
 KEY_NAME = "server.key"
 VALIDITY_DAYS = 3650
-_HEX = frozenset(string.hexdigits)
 
 # Mozilla's "intermediate" TLS 1.2 suites with ECDHE (forward secrecy) and AEAD
 # only; TLS 1.3 suites are OpenSSL's defaults, all of them good.
@@ -160,36 +156,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fingerprint(cert_path: Path) -> str:
-    """SHA-256 of the certificate's DER bytes: 64 lowercase hex digits, no colons.
-
-    This is what a pinning endpoint compares with the certificate the server
-    presents; for a chain file, the first certificate counts.
-    """
-    return _load_certs(Path(cert_path))[0].fingerprint(hashes.SHA256()).hex()
-
-
-def normalize_fingerprint(text: str) -> str:
-    """A SHA-256 fingerprint as 64 lowercase hex digits.
-
-    Accepts either case, with or without a colon between every two digits:
-
-    >>> normalize_fingerprint("AB:" * 31 + "CD")[-4:]
-    'abcd'
-    """
-    value = text.strip()
-    digits = value.replace(":", "") if ":" in value else value
-    if ":" in value and value.split(":") != [digits[i : i + 2] for i in range(0, len(digits), 2)]:
-        digits = ""  # colons, when present, separate every pair of digits
-    if len(digits) != 64 or not all(c in _HEX for c in digits):
-        shown = value if len(value) <= 120 else value[:117] + "..."
-        raise InvalidInput(
-            f"Invalid certificate fingerprint {shown!r}: expected a SHA-256 fingerprint, "
-            "64 hex digits, colons optional."
-        )
-    return digits.lower()
-
-
 def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
     """The server's TLS context: TLS 1.2 minimum, forward-secret AEAD suites.
 
@@ -197,7 +163,7 @@ def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.
     (mutual TLS). Unreadable or unsuitable files raise InvalidInput naming the file.
     """
     cert, key = Path(cert), Path(key)
-    _load_certs(cert)
+    load_certs(cert)
     _check_key(key)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -218,7 +184,7 @@ def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.
         ) from None
     if client_ca is not None:
         client_ca = Path(client_ca)
-        _load_certs(client_ca, "client CA")
+        load_certs(client_ca, "client CA")
         try:
             ctx.load_verify_locations(cafile=str(client_ca))
         except (OSError, ssl.SSLError) as exc:
@@ -227,17 +193,6 @@ def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.
             ) from None
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
-
-
-def _load_certs(path: Path, what: str = "certificate") -> list[x509.Certificate]:
-    data = _read(path, what)
-    try:
-        certs = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        certs = []
-    if not certs:
-        raise InvalidInput(f"The TLS {what} file {path} holds no PEM certificate.")
-    return certs
 
 
 def _check_key(path: Path) -> None:

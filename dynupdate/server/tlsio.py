@@ -10,7 +10,7 @@ uvloop's TLS spent 1.4 times nginx's CPU per new connection, the same on an
 ``SSLSocket`` that OpenSSL reads and writes itself 1.1 to 1.2 times.
 
 :class:`TLSTransport` implements the part of :class:`asyncio.Transport` that
-:mod:`dynupdate.httpd` uses (write with flow control, close, abort,
+:mod:`dynupdate.server.connection` uses (write with flow control, close, abort,
 pause/resume reading, extra info) for a protocol with ``get_buffer`` /
 ``buffer_updated``. The handshake runs off the accept loop: an accepted
 socket is wrapped, then driven by readiness callbacks, under a deadline.
@@ -131,7 +131,7 @@ class TLSTransport:
         # The ClientHello has usually arrived with the connection: try at once.
         self._handshake()
 
-    # -- asyncio.Transport, the part httpd uses --------------------------------------------
+    # -- asyncio.Transport, the part a Connection uses -----------------------------------
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if self._state == _CLOSED:
