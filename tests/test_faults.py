@@ -28,7 +28,7 @@ from lxml import etree
 
 from dynupdate.core.db import connect
 from dynupdate.core.endpoints import Sighting
-from dynupdate.serve import EndpointWriter
+from dynupdate.recording import EndpointWriter
 
 BUSY_TIMEOUT = 15.0  # seconds: dynupdate.core.db.BUSY_TIMEOUT_MS
 # The issue says 10 s; 6 s shows the same (a lock held well past any poll) and keeps CI fast.

@@ -324,17 +324,17 @@ def test_max_per_hour_answers_rate_limited_with_retry_at(gs, start_server, home_
 
 
 def test_event_lines_are_logged_printable(caplog):
-    from dynupdate import serve
+    from dynupdate import recording
 
     with caplog.at_level("WARNING", logger="dynupdate.serve"):
-        serve._log_events(["GroupSeries 6.2.2: A\x1b[2J\u202e timed out"])
+        recording._log_events(["GroupSeries 6.2.2: A\x1b[2J\u202e timed out"])
     (line,) = caplog.messages
     assert line == "rollout: GroupSeries 6.2.2: A\\x1b[2J\\u202e timed out"
 
 
 def test_gates_that_cannot_be_evaluated_log_one_line_until_they_can(gs, home_dir, caplog):
     from dynupdate.core.db import connect
-    from dynupdate.serve import EndpointWriter
+    from dynupdate.recording import EndpointWriter
 
     gs("rollout", "start", GS, "--version", "6.2.2")
     checks: list[str] = []
