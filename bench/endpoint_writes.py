@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dynupdate.core.db import connect
-from dynupdate.core.endpoints import Sighting, record_polls
 from dynupdate.core.home import open_home
+from dynupdate.core.registry import Sighting, record_polls
 
 BATCH = 1600
 POOL = 10_000

@@ -5,7 +5,7 @@ types and versions, with mixed report states (nothing reported, downloading,
 installing, installed, failed), peripherals among them, and the first-seen
 history rows that a first poll leaves. Rows are inserted directly with
 sqlite3 ``executemany`` in one transaction, in the schema the poll server
-writes (``dynupdate.core.endpoints.record_polls``), which takes seconds where
+writes (``dynupdate.core.registry.record_polls``), which takes seconds where
 real polls would take minutes. Then it times:
 
 - ``overview`` as a core call (``overview(db, load_fleet_state(db))``),

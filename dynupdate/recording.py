@@ -21,14 +21,14 @@ from typing import Any
 
 from dynupdate.core.attempts import reserve_attempt
 from dynupdate.core.db import connect
-from dynupdate.core.endpoints import (
+from dynupdate.core.errors import Conflict, StorageError, one_line
+from dynupdate.core.registry import (
     Sighting,
     StatusReport,
     UnknownDevice,
     record_polls,
     record_report_groups,
 )
-from dynupdate.core.errors import Conflict, StorageError, one_line
 from dynupdate.core.rollout_records import ACTIVE_SQL
 from dynupdate.core.rollouts import evaluate
 

@@ -34,16 +34,11 @@ from dynupdate.core.decision import (
     decide_for_target,
     decide_rollout,
 )
-from dynupdate.core.endpoints import (
-    Sighting,
-    StatusReport,
-    UnknownDevice,
-    registered_parents,
-)
 from dynupdate.core.errors import InvalidInput
 from dynupdate.core.fleet import ActiveRollout, FleetCache, FleetState
 from dynupdate.core.home import Home, home_locked, open_home
 from dynupdate.core.keys import key_for
+from dynupdate.core.registry import Sighting, StatusReport, UnknownDevice, registered_parents
 from dynupdate.core.store import is_sha256
 from dynupdate.core.times import utc_now
 from dynupdate.core.versions import version_key

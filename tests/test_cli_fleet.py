@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from dynupdate.core.endpoints import Sighting, StatusReport, record_polls, record_reports
+from dynupdate.core.registry import Sighting, StatusReport, record_polls, record_reports
 from dynupdate.core.times import utc_now
 
 

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from dynupdate.core.endpoints import Sighting, StatusReport, record_polls, record_reports
+from dynupdate.core.registry import Sighting, StatusReport, record_polls, record_reports
 from dynupdate.core.times import utc_now
 
 
@@ -70,8 +70,8 @@ def test_a_refused_forget_is_one_line_and_removes_nothing(cli, fleet, args, name
 
 
 def test_forget_is_in_the_audit_log_and_a_refusal_is_not(cli, home_dir):
-    from dynupdate.core.endpoints import Sighting, record_polls
     from dynupdate.core.home import open_home
+    from dynupdate.core.registry import Sighting, record_polls
     from dynupdate.core.times import utc_now
 
     home = open_home(home_dir)

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from dynupdate.core.endpoints import Sighting, record_polls
 from dynupdate.core.home import open_home
+from dynupdate.core.registry import Sighting, record_polls
 from dynupdate.core.waves import bucket
 
 T0 = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)

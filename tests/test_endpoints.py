@@ -6,24 +6,22 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from dynupdate.core.endpoints import (
+from dynupdate.core.endpoints import get_endpoint, list_endpoints, overview
+from dynupdate.core.errors import InvalidInput, NotFound
+from dynupdate.core.fleet import load_fleet_state
+from dynupdate.core.packages import add_package
+from dynupdate.core.policies import disable_policy, set_policy
+from dynupdate.core.registry import (
     HISTORY_LIMIT,
     Forgotten,
     Sighting,
     StatusReport,
     UnknownDevice,
     forget_endpoints,
-    get_endpoint,
-    list_endpoints,
-    overview,
     record_polls,
     record_report_groups,
     record_reports,
 )
-from dynupdate.core.errors import InvalidInput, NotFound
-from dynupdate.core.fleet import load_fleet_state
-from dynupdate.core.packages import add_package
-from dynupdate.core.policies import disable_policy, set_policy
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 

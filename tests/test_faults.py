@@ -27,7 +27,7 @@ from helpers import ServerProcess
 from lxml import etree
 
 from dynupdate.core.db import connect
-from dynupdate.core.endpoints import Sighting
+from dynupdate.core.registry import Sighting
 from dynupdate.recording import EndpointWriter
 
 BUSY_TIMEOUT = 15.0  # seconds: dynupdate.core.db.BUSY_TIMEOUT_MS

@@ -96,7 +96,7 @@ def test_backup_while_server_writes(cli, make_file, tmp_path, home):
     """The backup API copies a consistent snapshot while another connection writes."""
     import threading
 
-    from dynupdate.core.endpoints import Sighting, record_polls
+    from dynupdate.core.registry import Sighting, record_polls
     from dynupdate.core.times import utc_now
 
     stop = threading.Event()

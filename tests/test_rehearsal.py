@@ -7,11 +7,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from dynupdate.core.endpoints import Sighting, record_polls
 from dynupdate.core.errors import InvalidInput
 from dynupdate.core.fleet import current_generation
 from dynupdate.core.packages import add_package
 from dynupdate.core.policies import get_policy, set_policy
+from dynupdate.core.registry import Sighting, record_polls
 from dynupdate.core.rehearsal import rehearse_policy, rehearse_window
 from dynupdate.core.windows import make_window
 

@@ -23,18 +23,12 @@ from dynupdate.cli.rollout import gate_in_words
 from dynupdate.core import attempts, rollout_records, rollouts, trial
 from dynupdate.core.attempts import Seen
 from dynupdate.core.db import write
-from dynupdate.core.endpoints import (
-    Sighting,
-    StatusReport,
-    list_endpoints,
-    overview,
-    record_polls,
-    record_reports,
-)
+from dynupdate.core.endpoints import list_endpoints, overview
 from dynupdate.core.fleet import STATUSES, load_fleet_state
 from dynupdate.core.gates import RolloutOptions
 from dynupdate.core.packages import add_package
 from dynupdate.core.policies import set_policy
+from dynupdate.core.registry import Sighting, StatusReport, record_polls, record_reports
 from dynupdate.core.times import format_utc
 from dynupdate.core.waves import bucket, parse_waves
 

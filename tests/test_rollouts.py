@@ -10,11 +10,11 @@ from dynupdate.core import attempts, rollout_records, rollouts, trial
 from dynupdate.core.attempts import Seen
 from dynupdate.core.audit import list_entries, verify
 from dynupdate.core.db import write
-from dynupdate.core.endpoints import Sighting, record_polls
 from dynupdate.core.errors import Conflict, NotFound
 from dynupdate.core.gates import RolloutOptions
 from dynupdate.core.packages import add_package, get_package, list_packages, remove_package
 from dynupdate.core.policies import disable_policy, get_policy, set_policy
+from dynupdate.core.registry import Sighting, record_polls
 from dynupdate.core.waves import bucket, parse_waves
 
 T0 = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)

@@ -25,7 +25,7 @@ import pytest
 from dynupdate.cli import _output
 from dynupdate.cli._output import visible
 from dynupdate.core.db import DB_NAME
-from dynupdate.core.endpoints import Sighting, StatusReport, record_polls, record_reports
+from dynupdate.core.registry import Sighting, StatusReport, record_polls, record_reports
 
 LINK = "[link=https://evil.example/]E9[/link]"  # a terminal hyperlink, if parsed
 CLOSE = "[/x]"  # a MarkupError that used to stop `endpoint list`

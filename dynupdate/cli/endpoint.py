@@ -8,9 +8,10 @@ from dynupdate.cli._app import home_of, state_of
 from dynupdate.cli._output import JSON, emit_list, emit_object, say, stdout
 from dynupdate.core.attempts import retry_device
 from dynupdate.core.durations import parse_duration
-from dynupdate.core.endpoints import forget_endpoints, get_endpoint, list_endpoints
+from dynupdate.core.endpoints import get_endpoint, list_endpoints
 from dynupdate.core.errors import InvalidInput
 from dynupdate.core.fleet import STATUSES, load_fleet_state
+from dynupdate.core.registry import forget_endpoints
 from dynupdate.core.times import utc_now
 
 app = typer.Typer(help="Endpoints and peripherals: version, target, update status, history.")
