@@ -45,27 +45,18 @@ from datetime import UTC, datetime
 from lxml import etree
 
 # The reasons of a <noUpdate> are the decision's words, defined there once.
-from dynupdate.core.vocabulary import Reason, ReportState
+from dynupdate.core.vocabulary import ReportState
 
 __all__ = [
-    "DOWNLOADING",
-    "FAILED",
-    "FORBIDDEN",
-    "INSTALLED",
-    "INSTALLING",
     "INVALID_REQUEST",
-    "IN_CALL",
     "MALFORMED_XML",
     "MAX_DEPTH",
     "MAX_DETAIL",
     "MAX_DEVICES",
     "MAX_PERIPHERALS",
-    "NO_POLICY",
-    "OUTSIDE_WINDOW",
     "PROTOCOL",
     "STATES",
     "UNKNOWN_DEVICE",
-    "UP_TO_DATE",
     "Device",
     "DeviceReport",
     "NoOffer",
@@ -89,17 +80,8 @@ MALFORMED_XML = "malformed-xml"
 INVALID_REQUEST = "invalid-request"
 # 409: a report about a device that has never polled (it polls, then reports again).
 UNKNOWN_DEVICE = "unknown-device"
-# Under --bind-serial: the 403 error code, and the reason of a peripheral's <noUpdate>.
-FORBIDDEN = Reason.FORBIDDEN
-# The reasons and states the protocol's documents carry, from the one vocabulary.
-NO_POLICY, IN_CALL, UP_TO_DATE, OUTSIDE_WINDOW = (
-    Reason.NO_POLICY,
-    Reason.IN_CALL,
-    Reason.UP_TO_DATE,
-    Reason.OUTSIDE_WINDOW,
-)
-DOWNLOADING, INSTALLING, INSTALLED, FAILED = ReportState
-STATES = tuple(ReportState)  # in the order a device goes through them
+# The reports' states come from the one vocabulary, in the order a device goes through them.
+STATES = tuple(ReportState)
 
 MAX_DEPTH = 32  # the root is level 1; the protocol itself needs 2
 MAX_PERIPHERALS = 64

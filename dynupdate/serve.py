@@ -167,7 +167,7 @@ class PollApp:
             try:
                 refused = self._refused_peripherals(request, poll)
             except Forbidden as e:
-                return _error(403, protocol.FORBIDDEN, str(e))
+                return _error(403, Reason.FORBIDDEN, str(e))
         now = self.options.clock()
         fleet = self.fleet()
         window = fleet.window
@@ -181,7 +181,7 @@ class PollApp:
             serial, type_, version = device.serial, device.type, device.version
             if refused and serial in refused:
                 # Another endpoint's: answered on its own, recorded nowhere.
-                answers.append(protocol.NoOffer(serial, type_, protocol.FORBIDDEN))
+                answers.append(protocol.NoOffer(serial, type_, Reason.FORBIDDEN))
                 continue
             kind = fleet.of(type_)
             rollout = kind.rollout
@@ -380,7 +380,7 @@ class PollApp:
                 check_report(names, [(s, _owner(parents, s)) for s in others])
                 return None
             except Forbidden as e:
-                denied = _error(403, protocol.FORBIDDEN, str(e))
+                denied = _error(403, Reason.FORBIDDEN, str(e))
             if attempt or all(s in parents for s in others):
                 break
             # A peripheral's first poll may still wait for its grouped write (in this
