@@ -13,6 +13,7 @@ from dynupdate.core.errors import InvalidInput
 from dynupdate.core.fleet import STATUSES, load_fleet_state
 from dynupdate.core.registry import forget_endpoints
 from dynupdate.core.times import utc_now
+from dynupdate.core.vocabulary import RolloutState, Status
 
 app = typer.Typer(help="Endpoints and peripherals: version, target, update status, history.")
 
@@ -111,11 +112,11 @@ def rollout_in_words(data: dict) -> str | None:
             f" ({rollout['detail']}): dynupdate endpoint retry {data['serial']}"
         )
     where = "a trial device, in every wave" if rollout["trial"] else f"in {own_wave}"
-    if data["status"] == "up-to-date":
+    if data["status"] == Status.UP_TO_DATE:
         return f"{head}: on it{tried}"
     if data["admitted"]:
         return f"{head}: {where}: admitted{tried}"
-    if rollout["state"] != "running":
+    if rollout["state"] != RolloutState.RUNNING:
         return f"{head}: {where}: not offered while {rollout['state']}{tried}"
     return f"{head}: staged until {own_wave}{tried}"
 

@@ -16,7 +16,7 @@ from dynupdate.core.durations import parse_duration
 from dynupdate.core.endpoints import overview as fleet_overview
 from dynupdate.core.fleet import STATUSES, load_fleet_state
 from dynupdate.core.times import format_utc, utc_now
-from dynupdate.core.vocabulary import Status
+from dynupdate.core.vocabulary import RolloutState, Status
 
 
 def _bar(percent: float | None, width: int = 12) -> str:
@@ -38,7 +38,7 @@ def rollout_brief(rollout: dict | None) -> Text:
     if rollout is None:
         return literal("—")
     wave, waves = rollout["wave"], rollout["waves"]
-    state = literal(rollout["state"], "bold red" if rollout["state"] == "halted" else "")
+    state = literal(rollout["state"], "bold red" if rollout["state"] == RolloutState.HALTED else "")
     return Text.assemble(
         literal(f"{rollout['version']} "), state, f"\nwave {wave}/{len(waves)} ({waves[wave - 1]})"
     )

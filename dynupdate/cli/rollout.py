@@ -18,6 +18,7 @@ from dynupdate.core.durations import parse_duration
 from dynupdate.core.gates import RolloutOptions
 from dynupdate.core.rollout_records import RolloutSummary
 from dynupdate.core.times import format_utc, utc_now
+from dynupdate.core.vocabulary import RolloutState
 from dynupdate.core.waves import format_percent
 
 app = typer.Typer(help="Staged rollouts: a new version wave by wave, halting by itself.")
@@ -81,7 +82,7 @@ def _row(summary: RolloutSummary) -> dict[str, Any]:
     labels = data["waves"]
     data["wave_label"] = f"{data['wave']}/{len(labels)} ({labels[data['wave'] - 1]})"
     gate = data["gate"]
-    if data["state"] == "halted":
+    if data["state"] == RolloutState.HALTED:
         data["why"] = f"halted: {data['halt_reason']}"
     elif gate is None:
         data["why"] = data["state"]
@@ -172,7 +173,7 @@ def advance(ctx: typer.Context, type_: str = TYPE) -> None:
         ctx,
         rollouts.advance_rollout,
         type_,
-        lambda r: "completed" if r.state == "completed" else f"wave {r.wave} opened",
+        lambda r: "completed" if r.state == RolloutState.COMPLETED else f"wave {r.wave} opened",
     )
 
 
@@ -259,7 +260,7 @@ def gate_in_words(summary: RolloutSummary) -> str:
     """
     rollout, gate = summary.rollout, summary.gate
     type_ = rollout.type
-    if rollout.state == "paused":
+    if rollout.state == RolloutState.PAUSED:
         return f"Paused: {rollout.version} is offered to nobody; dynupdate rollout resume {type_}"
     if gate is None:  # completed or aborted
         return ""
@@ -291,7 +292,7 @@ def _one_rollout(db: Any, summary: RolloutSummary) -> list[Any]:
     """One rollout of the live view: head, a bar per wave, counts, the gate or the halt."""
     data, rollout = summary.to_dict(), summary.rollout
     state = str(rollout.state)
-    halted = state == "halted"
+    halted = state == RolloutState.HALTED
     wave = rollout.current_wave
     head = Text.assemble(
         literal(f"{rollout.type} {rollout.stable_version or '—'} → {rollout.version}  ", "bold"),

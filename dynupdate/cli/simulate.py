@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dynupdate.cli._output import emit_list, emit_object, literal, say, stderr, visible
+from dynupdate.core.vocabulary import Status
 
 if TYPE_CHECKING:
     from dynupdate.endpoint.simulation import Simulation
@@ -26,14 +27,14 @@ __all__ = ["simulate"]
 TYPE_COLUMNS = [
     ("type", "Type"),
     ("devices", "Devices"),
-    ("up-to-date", "On target"),
-    ("pending", "Pending"),
-    ("in-progress", "In progress"),
-    ("failed", "Failed"),
-    ("no-policy", "No policy"),
+    (Status.UP_TO_DATE, "On target"),
+    (Status.PENDING, "Pending"),
+    (Status.IN_PROGRESS, "In progress"),
+    (Status.FAILED, "Failed"),
+    (Status.NO_POLICY, "No policy"),
     ("not_polled", "Not polled yet"),
-    ("waiting", "Waiting"),
-    ("held", "Held"),
+    (Status.WAITING, "Waiting"),
+    (Status.HELD, "Held"),
 ]
 
 

@@ -35,7 +35,7 @@ from dynupdate.core.rollout_records import (
 from dynupdate.core.times import utc_now
 from dynupdate.core.trial import trial_serials
 from dynupdate.core.versions import same_version, version_key
-from dynupdate.core.vocabulary import RolloutState
+from dynupdate.core.vocabulary import ReportState, RolloutState
 from dynupdate.core.waves import bucket, parse_waves
 
 __all__ = [
@@ -285,10 +285,10 @@ def note_devices(
                 fail_attempt(db, rollout, item.serial, f"reverted to {item.version}", now)
                 failed = True
         elif open_at is not None and same_version(item.version, rollout.version):
-            if item.state == "failed":
+            if item.state == ReportState.FAILED:
                 fail_attempt(db, rollout, item.serial, item.detail or "failed", now)
                 failed = True
-            elif item.state == "installed":
+            elif item.state == ReportState.INSTALLED:
                 db.execute(
                     "UPDATE rollout_devices SET installed_at = ?, said_at = max(?, coalesce("
                     "said_at, 0)) WHERE rollout_id = ? AND serial = ?",

@@ -323,7 +323,7 @@ def overview(db: sqlite_utils.Database, fleet: FleetState) -> list[dict]:
         total = row["endpoints"]
         # No target (no active policy): "0 % on target" would read as a stalled rollout.
         row["on_target_percent"] = (
-            round(100 * row["counts"]["up-to-date"] / total, 1)
+            round(100 * row["counts"][Status.UP_TO_DATE] / total, 1)
             if total and row["target_version"] is not None
             else None
         )

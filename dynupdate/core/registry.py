@@ -21,6 +21,7 @@ from dynupdate.core.devices import type_key
 from dynupdate.core.durations import format_duration
 from dynupdate.core.errors import InvalidInput, NotFound
 from dynupdate.core.times import format_utc, utc_now
+from dynupdate.core.vocabulary import ReportState
 from dynupdate.core.waves import bucket
 
 __all__ = [
@@ -308,12 +309,12 @@ def record_report_groups(
 
 
 def _store_report(db: sqlite_utils.Database, r: StatusReport, at: str) -> None:
-    detail = r.detail if r.state == "failed" else None
+    detail = r.detail if r.state == ReportState.FAILED else None
     db.execute(
         "UPDATE endpoints SET last_report = ?, report_state = ?, report_version = ?,"
         " report_detail = ?, version = CASE WHEN ? THEN ? ELSE version END"
         " WHERE serial = ?",
-        (at, r.state, r.version, detail, r.state == "installed", r.version, r.serial),
+        (at, r.state, r.version, detail, r.state == ReportState.INSTALLED, r.version, r.serial),
     )
     _history(db, r.serial, at, r.state, r.version, r.detail)
 
