@@ -15,6 +15,7 @@ import shutil
 import sqlite3
 import tempfile
 from pathlib import Path
+from typing import Any, cast
 
 from dynupdate import __version__
 from dynupdate.core import audit
@@ -32,7 +33,7 @@ MANIFEST = "dynupdate-backup.json"
 _SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
-def backup_home(home: Home, dest: Path) -> dict:
+def backup_home(home: Home, dest: Path) -> dict[str, Any]:
     """Write a consistent copy of ``home`` into the new or empty folder ``dest``."""
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise InvalidInput(f"Backup folder '{dest}' exists and is not empty; choose a new one.")
@@ -89,7 +90,7 @@ def backup_home(home: Home, dest: Path) -> dict:
 
 def restore_home(
     source: Path, home_path: Path, *, force: bool = False, actor: str | None = None
-) -> dict:
+) -> dict[str, Any]:
     """Replace the home's database and store with a verified backup (server stopped).
 
     Everything is verified as it is copied into the home, not before, so a
@@ -126,7 +127,7 @@ def restore_home(
     return manifest
 
 
-def _manifest(source: Path) -> dict:
+def _manifest(source: Path) -> dict[str, Any]:
     manifest_path = source / MANIFEST
     if not manifest_path.is_file():
         raise InvalidInput(f"'{source}' is not a dynupdate backup (no {MANIFEST}).")
@@ -140,10 +141,11 @@ def _manifest(source: Path) -> dict:
     digest = manifest.get("database_sha256")
     if digest is not None and not (isinstance(digest, str) and is_sha256(digest)):
         raise InvalidInput(f"The backup manifest '{manifest_path}' has an invalid database_sha256.")
-    return manifest
+    # A JSON object: anything else was refused with `created` above.
+    return cast(dict[str, Any], manifest)
 
 
-def _restore(source: Path, manifest: dict, home_path: Path, actor: str | None) -> None:
+def _restore(source: Path, manifest: dict[str, Any], home_path: Path, actor: str | None) -> None:
     staged_db = home_path / (DB_NAME + ".restoring")
     backup_store = PackageStore(source / "packages")
     store = PackageStore(home_path / "packages")

@@ -171,7 +171,7 @@ def decide_for_target(
     now: datetime,
 ) -> Decision:
     """:func:`decide` with the target already known: ``target_package(policy, packages)``."""
-    if target is None:
+    if target is None or policy is None:
         return _NO_POLICY
     if device.in_call:
         return _IN_CALL

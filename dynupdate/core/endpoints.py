@@ -10,16 +10,17 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlite_utils
 
 from dynupdate.core.decision import Standing
 from dynupdate.core.devices import type_key
 from dynupdate.core.errors import InvalidInput, NotFound
-from dynupdate.core.fleet import STATUSES, ActiveRollout, FleetState
+from dynupdate.core.fleet import STATUSES, ActiveRollout, FleetState, TypeState
 from dynupdate.core.registry import HISTORY_LIMIT
-from dynupdate.core.rollout_records import COLUMNS, TRIAL_OF, rollout_from_row
-from dynupdate.core.times import format_utc
+from dynupdate.core.rollout_records import COLUMNS, TRIAL_OF, Rollout, rollout_from_row
+from dynupdate.core.times import format_utc, utc_now
 from dynupdate.core.versions import same_version, version_key
 from dynupdate.core.vocabulary import RolloutState, Status
 from dynupdate.core.waves import ALL, BUCKETS, covers
@@ -64,7 +65,7 @@ class _Standing:
     admitted: bool
 
 
-def _endpoint_dict(fleet: FleetState, names: Sequence[str], row: Sequence) -> dict:
+def _endpoint_dict(fleet: FleetState, names: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:
     data = dict(zip(names, row, strict=True))
     rollout_id, attempts, failures, open_, succeeded = (
         data.pop(name) for name in ("_rollout", "_attempts", "_failures", "_open", "_succeeded")
@@ -117,16 +118,18 @@ def list_endpoints(
     version: str | None = None,
     stale: timedelta | None = None,
     now: datetime | None = None,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """Endpoints (and peripherals), filtered; ``stale`` keeps those silent that long."""
     _check_status(status)
+    where: list[str]
+    params: list[str | None]  # a group's report state and version may be NULL
     where, params = [], []
     if type_ is not None:
         where.append("e.type_key = ?")
         params.append(type_key(type_))
     if stale is not None:
         where.append("(e.last_poll IS NULL OR e.last_poll < ?)")
-        params.append(format_utc(now - stale))
+        params.append(format_utc((now or utc_now()) - stale))
     with _reading(db):
         if status is not None or version is not None:
             # Status and version depend mostly on the (type, version, last report)
@@ -167,7 +170,14 @@ _GROUP_TERM = "(e.type_key = ? AND e.version = ? AND e.report_state IS ? AND e.r
 _MAX_GROUP_TERMS = 200
 
 
-def _groups_matching(db, fleet, where, params, status, version) -> list[tuple]:
+def _groups_matching(
+    db: sqlite_utils.Database,
+    fleet: FleetState,
+    where: list[str],
+    params: list[Any],
+    status: str | None,
+    version: str | None,
+) -> list[tuple[str, str, str | None, str | None]]:
     sql = "SELECT DISTINCT type_key, version, report_state, report_version FROM endpoints e"
     if where:
         sql += " WHERE " + " AND ".join(where)
@@ -196,7 +206,7 @@ def _reading(db: sqlite_utils.Database) -> Iterator[None]:
         db.conn.execute("COMMIT")
 
 
-def get_endpoint(db: sqlite_utils.Database, fleet: FleetState, serial: str) -> dict:
+def get_endpoint(db: sqlite_utils.Database, fleet: FleetState, serial: str) -> dict[str, Any]:
     """One device's software update details, its peripherals and recent history.
 
     Besides the list's keys: ``bucket``; ``attempts`` at the version of its
@@ -226,10 +236,11 @@ def get_endpoint(db: sqlite_utils.Database, fleet: FleetState, serial: str) -> d
     return data
 
 
-def _shown(db: sqlite_utils.Database, fleet: FleetState, data: dict) -> dict:
+def _shown(db: sqlite_utils.Database, fleet: FleetState, data: dict[str, Any]) -> dict[str, Any]:
     """``endpoint show``'s rollout keys for one device (see :func:`get_endpoint`)."""
     place: _Standing | None = data.pop("_place")
     active = fleet.of(data["type"]).rollout
+    record: Rollout | None
     if active is not None and active.record is not None:
         record = active.record
     else:
@@ -277,7 +288,7 @@ def _shown(db: sqlite_utils.Database, fleet: FleetState, data: dict) -> dict:
     return data
 
 
-def overview(db: sqlite_utils.Database, fleet: FleetState) -> list[dict]:
+def overview(db: sqlite_utils.Database, fleet: FleetState) -> list[dict[str, Any]]:
     """Per device type: the policy, its active rollout, counts by status and the version spread.
 
     One pass over a covering index grouped by (type, version, last report),
@@ -285,7 +296,7 @@ def overview(db: sqlite_utils.Database, fleet: FleetState) -> list[dict]:
     then gets corrections: its devices' statuses also depend on their bucket,
     trial membership and attempts (see :func:`_rollout_corrections`).
     """
-    result: dict[str, dict] = {}
+    result: dict[str, dict[str, Any]] = {}
     for key, kind in fleet.types.items():
         name = kind.policy.type if kind.policy else kind.packages[0].type
         result[key] = _overview_row(name, fleet, kind)
@@ -347,7 +358,7 @@ def _base_standing(active: ActiveRollout) -> Standing:
 
 def _rollout_corrections(
     db: sqlite_utils.Database, fleet: FleetState, key: str, active: ActiveRollout
-) -> Counter:
+) -> Counter[Status]:
     """What the grouped pass got wrong for a type with an active rollout, by status.
 
     The pass gave every device the :func:`_base_standing`. Three smaller
@@ -358,9 +369,17 @@ def _rollout_corrections(
     """
     share = _share(active)
     base = _base_standing(active)
-    change: Counter = Counter()
+    change: Counter[Status] = Counter()
 
-    def move(version, state, report_version, count, standing, attempted=False, assumed=base):
+    def move(
+        version: str,
+        state: str | None,
+        report_version: str | None,
+        count: int,
+        standing: Standing,
+        attempted: bool = False,
+        assumed: Standing = base,
+    ) -> None:
         before = fleet.status(key, version, state, report_version, standing=assumed)
         after = fleet.status(
             key, version, state, report_version, standing=standing, attempted=attempted
@@ -420,7 +439,9 @@ def _rollout_corrections(
     return change
 
 
-def _type_name(db, key: str, version: str, state: str | None, report_version: str | None) -> str:
+def _type_name(
+    db: sqlite_utils.Database, key: str, version: str, state: str | None, report_version: str | None
+) -> str:
     """The name of a type with no policy or package: the least spelling in its first group."""
     row = db.execute(
         "SELECT min(e.type) FROM endpoints e WHERE " + _GROUP_TERM,
@@ -429,7 +450,7 @@ def _type_name(db, key: str, version: str, state: str | None, report_version: st
     return row[0] if row and row[0] is not None else key
 
 
-def _overview_row(name: str, fleet: FleetState, kind) -> dict:
+def _overview_row(name: str, fleet: FleetState, kind: TypeState) -> dict[str, Any]:
     return {
         "type": name,
         "version_to_use": kind.policy.version_to_use if kind.policy else None,
@@ -443,7 +464,7 @@ def _overview_row(name: str, fleet: FleetState, kind) -> dict:
     }
 
 
-def _rollout_brief(active: ActiveRollout | None) -> dict | None:
+def _rollout_brief(active: ActiveRollout | None) -> dict[str, Any] | None:
     """The type's active rollout as ``overview`` shows it, or None."""
     if active is None or active.record is None:
         return None

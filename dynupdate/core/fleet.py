@@ -163,7 +163,9 @@ _STAGED = (Status.UP_TO_DATE, Status.NO_POLICY)
 
 
 def current_generation(db: sqlite_utils.Database) -> int:
-    return db.execute("SELECT generation FROM config_generation").fetchone()[0]
+    generation: int
+    (generation,) = db.execute("SELECT generation FROM config_generation").fetchone()
+    return generation
 
 
 def load_fleet_state(db: sqlite_utils.Database) -> FleetState:

@@ -6,6 +6,7 @@ import hashlib
 import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import sqlite_utils
 
@@ -28,7 +29,7 @@ class Finding:
     repairable: bool
     repaired: bool = False
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -42,7 +43,7 @@ class Report:
     def clean(self) -> bool:
         return all(f.repaired for f in self.findings)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "clean": self.clean,
             "packages_checked": self.packages_checked,

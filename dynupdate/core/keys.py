@@ -214,6 +214,8 @@ def key_for(db: sqlite_utils.Database, serial: str, version: str) -> str | None:
     rows = db.execute(
         "SELECT version, key FROM activation_keys WHERE serial = ?", (serial,)
     ).fetchall()
+    stored: str
+    key: str
     for stored, key in rows:
         if stored == version:
             return key

@@ -6,6 +6,7 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import sqlite_utils
 
@@ -44,11 +45,11 @@ class Package:
     # allow-newer target, never offered, until a policy or rollout names it.
     blocked: bool = False
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_row(cls, row: dict | sqlite3.Row) -> Package:
+    def from_row(cls, row: dict[str, Any] | sqlite3.Row) -> Package:
         values = {name: row[name] for name in cls.__dataclass_fields__}
         values["blocked"] = bool(values["blocked"])
         return cls(**values)
@@ -57,7 +58,9 @@ class Package:
 _COLUMNS = "type, version, name, size, sha256, description, uploaded, blocked"
 
 
-def _rows(db: sqlite_utils.Database, where: str = "", params: tuple = ()) -> list[Package]:
+def _rows(
+    db: sqlite_utils.Database, where: str = "", params: tuple[Any, ...] = ()
+) -> list[Package]:
     cursor = db.execute(f"SELECT {_COLUMNS} FROM packages {where}", params)
     names = [d[0] for d in cursor.description]
     return [Package.from_row(dict(zip(names, row, strict=True))) for row in cursor]
@@ -107,7 +110,8 @@ def _type_spelling(db: sqlite_utils.Database, type_: str) -> str:
             f"SELECT type FROM {table} WHERE type_key = ? LIMIT 1", (type_key(type_),)
         ).fetchone()
         if row:
-            return row[0]
+            spelling: str = row[0]
+            return spelling
     return type_
 
 

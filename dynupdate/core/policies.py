@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import sqlite_utils
 
@@ -39,7 +40,7 @@ class PolicyView:
     def active(self) -> bool:
         return self.version_to_use is not None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "type": self.type,
             "version_to_use": self.version_to_use,

@@ -79,14 +79,21 @@ class StatusReport:
     rollout: int | None = None  # as for Sighting: the active rollout of its type
 
 
-def _history(db, serial: str, at: str, event: str, version: str | None, detail=None) -> None:
+def _history(
+    db: sqlite_utils.Database,
+    serial: str,
+    at: str,
+    event: str,
+    version: str | None,
+    detail: str | None = None,
+) -> None:
     db.execute(
         "INSERT INTO endpoint_history (serial, at, event, version, detail) VALUES (?, ?, ?, ?, ?)",
         (serial, at, event, version, detail),
     )
 
 
-def _prune(db, serials: Iterable[str]) -> None:
+def _prune(db: sqlite_utils.Database, serials: Iterable[str]) -> None:
     """Keep the newest HISTORY_LIMIT events per device."""
     for serial in serials:
         db.execute(
@@ -118,12 +125,13 @@ def record_polls(
     """
     touched: set[str] = set()
     conn = db.conn
-    second = at = None
+    second: datetime | None = None
+    at = ""  # set by the first sighting, whose time is never None
     polls = []
-    noted: list[tuple[Sighting, datetime]] = []
+    noted: list[tuple[int, Sighting, datetime]] = []
     for s, when in sightings:
         if s.rollout is not None:
-            noted.append((s, when))
+            noted.append((s.rollout, s, when))
         # Polls written together mostly share their second: format it once.
         if when.microsecond:
             when = when.replace(microsecond=0)
@@ -163,7 +171,7 @@ def record_polls(
         if noted:
             _note_rollouts(
                 db,
-                [(s.rollout, Seen(s.serial, s.version, at=when), when) for s, when in noted],
+                [(r, Seen(s.serial, s.version, at=when), when) for r, s, when in noted],
                 events,
             )
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 
 import sqlite_utils
 
@@ -44,7 +45,7 @@ class OfferGroup:
     in_call: int  # would be offered, but were in a call at their last poll
     up_to_date: int
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "type": self.type,
             "version": self.version,
@@ -68,7 +69,7 @@ class Rehearsal:
     or an offer instead of none (or the reverse), e.g. a window closing on them.
     """
 
-    change: dict
+    change: dict[str, Any]
     at: datetime
     window: Window | None
     next_opening: datetime | None  # the first opening a device outside the window waits for
@@ -76,7 +77,7 @@ class Rehearsal:
     no_policy: int
     changed: int
 
-    def totals(self) -> dict:
+    def totals(self) -> dict[str, Any]:
         return {
             "devices": sum(g.devices for g in self.groups) + self.no_policy,
             "offered_now": sum(g.offered_now for g in self.groups),
@@ -87,7 +88,7 @@ class Rehearsal:
             "changed": self.changed,
         }
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "dry_run": True,
             "change": self.change,
@@ -144,7 +145,7 @@ def rehearse(
     db: sqlite_utils.Database,
     current: FleetState,
     proposed: FleetState,
-    change: dict,
+    change: dict[str, Any],
     *,
     only_type: str | None = None,
     now: datetime | None = None,
@@ -152,11 +153,11 @@ def rehearse(
     """Every known device (of ``only_type``) through the proposed state, as of ``now``."""
     now = now or utc_now()
     sql = "SELECT type, type_key, version, in_call, tz FROM endpoints"
-    params: tuple = ()
+    params: tuple[Any, ...] = ()
     if only_type is not None:
         sql += " WHERE type_key = ?"
         params = (type_key(only_type),)
-    groups: dict[tuple[str, str], dict] = {}
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
     names: dict[str, str] = {}
     no_policy = changed = 0
     first_opening: datetime | None = None
@@ -170,7 +171,7 @@ def rehearse(
             openings[key] = _opening(window, now, zone)
         return openings[key]
 
-    def answer(state: FleetState, offered: str | None, in_call: bool, tz: str | None):
+    def answer(state: FleetState, offered: str | None, in_call: bool, tz: str | None) -> str | None:
         """The version the next poll would be offered under ``state``, or None."""
         if offered is None or in_call or not opening(state.window, tz)[0]:
             return None
@@ -199,7 +200,8 @@ def rehearse(
                 group["now"] += 1
             else:
                 group["later"] += 1
-                if first_opening is None or upcoming < first_opening:
+                # Never None here: a closed window opens again.
+                if upcoming is not None and (first_opening is None or upcoming < first_opening):
                     first_opening = upcoming
     rows = [
         OfferGroup(
@@ -221,7 +223,11 @@ def rehearse(
 
 def _offered(kind: TypeState, version: str) -> str | None:
     """The version a device on ``version`` is sent to (window and calls aside)."""
-    if kind.target is None or is_satisfied(version, kind.target, kind.policy.allow_newer):
+    if (
+        kind.target is None
+        or kind.policy is None
+        or is_satisfied(version, kind.target, kind.policy.allow_newer)
+    ):
         return None
     return kind.target.version
 

@@ -336,6 +336,7 @@ def _live(db: sqlite_utils.Database, rollout: Rollout, now: datetime) -> int:
         where, params = f"(e.bucket >= ? AND e.bucket < ? AND NOT {TRIAL_OF})", bounds
         if rollout.wave == 1:
             where = f"({where} OR {TRIAL_OF})"
+    count: int
     (count,) = db.execute(
         "SELECT count(*) FROM (SELECT 1 FROM endpoints e WHERE e.type_key = ?"
         " AND e.version IN (SELECT value FROM json_each(?))"

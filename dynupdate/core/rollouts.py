@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import sqlite_utils
 
@@ -98,12 +98,13 @@ def _stable(
     ).fetchone()
     if row is None:
         return None, None
-    policy = Policy(row[0], row[1], bool(row[2]))
+    version_to_use: str = row[1]  # not NULL: the query's condition
+    policy = Policy(row[0], version_to_use, bool(row[2]))
     packages = list_packages(db, type_)
     if not policy.allow_newer:
-        stable = next((p for p in packages if same_version(p.version, policy.version_to_use)), None)
+        stable = next((p for p in packages if same_version(p.version, version_to_use)), None)
         return policy, stable
-    floor = version_key(policy.version_to_use)
+    floor = version_key(version_to_use)
     below = [
         p
         for p in packages
@@ -191,7 +192,8 @@ def _start(
             stamp,
         ),
     )
-    rollout_id = cursor.lastrowid
+    # Set by the INSERT just run; None only before any.
+    rollout_id = cast(int, cursor.lastrowid)
     # Devices already offered V, or that reported about it, count as offered with
     # an attempt open: what they do next is evidence like any other.
     known = db.execute(

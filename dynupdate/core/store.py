@@ -19,8 +19,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dynupdate.core.errors import InvalidInput, NotFound, StorageError
+
+if TYPE_CHECKING:
+    from io import BufferedReader
 
 __all__ = ["CHUNK_SIZE", "PackageStore", "StagedFile", "is_sha256"]
 
@@ -182,7 +186,9 @@ def _create_locked(temp: Path) -> int:
         os.close(fd)
 
 
-def _copy_hashing(src, fd: int, progress: Callable[[int], None] | None) -> tuple[str, int]:
+def _copy_hashing(
+    src: BufferedReader, fd: int, progress: Callable[[int], None] | None
+) -> tuple[str, int]:
     digest = hashlib.sha256()
     buffer = bytearray(CHUNK_SIZE)
     view = memoryview(buffer)

@@ -38,7 +38,7 @@ import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Any
+from typing import Any, cast
 
 from dynupdate.core.durations import parse_duration
 from dynupdate.core.errors import InvalidInput
@@ -413,7 +413,8 @@ def _wall_seconds(day: date, at: time) -> int:
 
 def _offset(zone: zoneinfo.ZoneInfo, instant: int) -> int:
     local = _utc(instant).astimezone(zone)
-    return local.utcoffset() // timedelta(seconds=1)
+    # An aware datetime always has an offset; typeshed's Optional is for naive ones.
+    return cast(timedelta, local.utcoffset()) // timedelta(seconds=1)
 
 
 def _segments(zone: zoneinfo.ZoneInfo, lo: int, hi: int) -> list[tuple[int, int, int]]:
