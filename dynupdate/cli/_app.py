@@ -6,6 +6,7 @@ import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import typer
 from typer.core import TyperGroup
@@ -21,7 +22,8 @@ __all__ = ["State", "app", "home_of", "state_of"]
 class DynupdateGroup(TyperGroup):
     """Maps every expected failure to one line on stderr and exit 1."""
 
-    def invoke(self, ctx: typer.Context):
+    # TyperGroup takes the click Context typer vendors privately; typer.Context is that one.
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
         try:
             return super().invoke(ctx)
         except (DynupdateError, OSError, sqlite3.Error) as e:

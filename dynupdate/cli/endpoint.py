@@ -141,7 +141,7 @@ def forget(
     if stale is not None:
         gone = forget_endpoints(home.db, stale=parse_duration(stale), now=utc_now())
     else:
-        gone = forget_endpoints(home.db, serials)
+        gone = forget_endpoints(home.db, serials or [])
     endpoints, peripherals = len(gone.endpoints), len(gone.peripherals)
     say(
         f"Forgot {endpoints} endpoint{'' if endpoints == 1 else 's'} and {peripherals}"

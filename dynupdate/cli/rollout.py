@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import typer
@@ -149,7 +150,9 @@ def start(
     )
 
 
-def _one_line(ctx: typer.Context, command: Any, type_: str, done: str) -> None:
+def _one_line(
+    ctx: typer.Context, command: Any, type_: str, done: Callable[[Any], str]
+) -> None:
     rollout = command(home_of(ctx).db, type_)
     say(f"Rollout of {rollout.type} {rollout.version} {done(rollout)}.", quiet=state_of(ctx).quiet)
 

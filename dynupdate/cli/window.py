@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
 from dynupdate.cli._app import home_of, state_of
@@ -9,13 +11,13 @@ from dynupdate.cli._output import DRY_RUN, JSON, emit_object, emit_rehearsal, sa
 from dynupdate.core.maintenance import clear_window, load_window, save_window
 from dynupdate.core.rehearsal import rehearse_window
 from dynupdate.core.times import format_utc, utc_now
-from dynupdate.core.windows import current_opening, make_window, next_opening
+from dynupdate.core.windows import Window, current_opening, make_window, next_opening
 
 app = typer.Typer(help="The maintenance window: updates are offered only inside it.")
 
 
-def _view(window) -> dict:
-    data = {
+def _view(window: Window | None) -> dict[str, Any]:
+    data: dict[str, Any] = {
         "set": window is not None,
         "days": None,
         "start": None,
