@@ -381,7 +381,7 @@ def _transient(error: EndpointError) -> bool:
     return error.kind.startswith("http-5")
 
 
-_STATUS_OF_REASON = {
+_STATUS_OF_REASON: dict[str, Status] = {
     Reason.NO_POLICY: Status.NO_POLICY,
     Reason.UP_TO_DATE: Status.UP_TO_DATE,
     Reason.STAGED: Status.WAITING,

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 from urllib.parse import SplitResult, urlsplit
 
 import httptools
@@ -126,8 +127,10 @@ class _Response:
         self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-        self.keep_alive = self.parser.should_keep_alive()
+        # The parser calls this, so it is set (the parser is made with this object).
+        parser = cast(httptools.HttpResponseParser, self.parser)
+        self.status = parser.get_status_code()
+        self.keep_alive = parser.should_keep_alive()
         self.receiver.begin(self.status, self.headers)
         if self.head_only:
             self.complete = True  # a HEAD answer has no body, whatever Content-Length says
@@ -149,8 +152,9 @@ class Target:
 
     @classmethod
     def parse(cls, url: str, what: str) -> Target:
+        parts: SplitResult | None
         try:
-            parts: SplitResult = urlsplit(url)
+            parts = urlsplit(url)
             port = parts.port or 443
             host = parts.hostname
         except ValueError:
@@ -191,7 +195,7 @@ class Connections:
         for _, writer in self.open.values():
             writer.transport.abort()
         self.open.clear()
-        if self.holds_slot:
+        if self.holds_slot and self._slots is not None:
             self.holds_slot = False
             self._slots.release()
 
@@ -298,7 +302,7 @@ class Transport:
             lines.append("Connection: close")
         request = "\r\n".join([*lines, "", ""]).encode("latin-1") + (body or b"")
         key = (target.host, target.port)
-        link = kept.pop(key, None) if keep else None
+        link = kept.pop(key, None) if kept is not None else None
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout) as deadline:
@@ -319,7 +323,7 @@ class Transport:
             raise EndpointError("reset", f"The connection to {target.netloc} broke: {e}.") from None
         finally:
             if link is not None:
-                if keep and response.complete and response.keep_alive:
+                if kept is not None and response.complete and response.keep_alive:
                     kept[key] = link
                 else:
                     link[1].transport.abort()  # all was read; no TLS goodbye is needed
