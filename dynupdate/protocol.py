@@ -243,7 +243,8 @@ def parse_document(
     except etree.XMLSyntaxError as e:
         text = (e.msg or str(e) or "unreadable").splitlines()[0]
         raise ProtocolError(MALFORMED_XML, f"Not well-formed XML: {_clean(text)}") from None
-    if root.getroottree().docinfo.doctype:  # defence in depth: the check above covers it
+    # defence in depth: the check above covers it (lxml-stubs 0.5 lacks DocInfo.doctype)
+    if root.getroottree().docinfo.doctype:  # type: ignore[union-attr]
         raise ProtocolError(MALFORMED_XML, "A DOCTYPE or ENTITY declaration is not allowed.")
     if _too_deep(root):
         raise ProtocolError(MALFORMED_XML, f"Elements are nested deeper than {MAX_DEPTH} levels.")
@@ -441,7 +442,7 @@ def parse_report(body: bytes) -> Report:
     'disk full'
     """
     root = _load(body, "report")
-    reports = []
+    reports: list[DeviceReport] = []
     for element in root:
         if element.tag != "device":
             continue

@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from dynupdate import fingerprints, protocol
 from dynupdate.core.attempts import device_standing
@@ -224,7 +224,9 @@ class PollApp:
             )  # fmt: skip
             offered = package.version
         else:
-            answers.append(protocol.NoOffer(serial, type_, decision.reason, decision.retry_at))
+            # A decision without a package always carries its reason.
+            reason = cast(Reason, decision.reason)
+            answers.append(protocol.NoOffer(serial, type_, reason, decision.retry_at))
             offered = None
         # Sighting(serial, type, version, model, mac, tz, in_call, address, parent, offered,
         # rollout)
@@ -425,9 +427,9 @@ def _owner(parents: dict[str, str | None], serial: str) -> str | None:
     return serial if parent is None else parent
 
 
-def _settle(future: asyncio.Future, error: Exception | None) -> None:
+def _settle(future: asyncio.Future[Any], result: object) -> None:
     if not future.done():
-        future.set_result(error)
+        future.set_result(result)
 
 
 # ---------------------------------------------------------------------------

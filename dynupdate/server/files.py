@@ -46,6 +46,7 @@ def file_response(
     if span is None:
         return Response(200, base, file=FileBody(Path(path), 0, size))
     if span is _UNSATISFIABLE:
+        assert spec is not None  # a span comes from a spec
         message = f"The range {spec[:100]!r} is outside the {size}-byte file."
         answer = error_response(416, message)
         answer.headers.append(("Content-Range", f"bytes */{size}"))

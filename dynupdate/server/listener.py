@@ -19,6 +19,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from email.utils import formatdate
+from typing import Any
 
 from dynupdate.core.errors import DynupdateError, InvalidInput
 from dynupdate.server.connection import Connection
@@ -422,6 +423,7 @@ def listen_sockets(
         raise InvalidInput(f"Cannot listen on {host!r}: {exc.strerror}.") from None
     socks: list[socket.socket] = []
     seen = set()
+    addr: tuple[Any, ...]  # (host, port, ...): getaddrinfo gives IP families only here
     try:
         for family, kind, proto, _, addr in infos:
             if (family, addr[:2]) in seen:

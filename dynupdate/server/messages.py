@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import final
 
 __all__ = [
     "ERROR_CODES",
@@ -60,6 +61,7 @@ class FileBody:
     length: int
 
 
+@final  # lets `type(x) is not Response` tell it from an awaitable, for mypy too
 @dataclass(slots=True)
 class Response:
     """What the app answers. The transport adds Content-Length, Date and Connection."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from typing import Any, final
 
 import httptools
 
@@ -69,6 +69,7 @@ WAIT, HEAD, BODY, CLOSING = range(4)
 _KEEP_10 = 2  # keep-alive value for an HTTP/1.0 client: needs "Connection: keep-alive"
 
 
+@final  # lets `type(item) is Reject` tell a Reject from a Cycle, for mypy too
 class Reject(Exception):
     """A request refused by the transport: answer, then close."""
 
@@ -97,14 +98,20 @@ class Cycle:
 class RequestReader(asyncio.BufferedProtocol):
     """The reading half of a connection; the subclass answers what lands in ``queue``."""
 
+    # dead, deadline, keep_closing and linger_last are the serving half's, but
+    # written here too: slots of the class whose methods assign them.
     __slots__ = (
         "body",
+        "dead",
+        "deadline",
         "first",
         "fresh",
         "hbytes",
         "head_size",
         "headers",
         "held",
+        "keep_closing",
+        "linger_last",
         "method",
         "nheaders",
         "parser",
@@ -310,7 +317,7 @@ class RequestReader(asyncio.BufferedProtocol):
             self.peer_cert,
         )
         parser = self.parser
-        keep = parser.should_keep_alive()
+        keep: int = parser.should_keep_alive()
         if keep and "connection" in self.headers and parser.get_http_version() == "1.0":
             keep = _KEEP_10  # an HTTP/1.0 client asked for keep-alive: say yes explicitly
         self.queue.append(Cycle(request, keep, self.t0))
