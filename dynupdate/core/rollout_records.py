@@ -402,6 +402,22 @@ def rollout_views(
     db: sqlite_utils.Database, type_: str | None = None, *, now: datetime | None = None
 ) -> list[RolloutSummary]:
     """Active rollouts and the latest of each type (``rollout status``), by type."""
+    summaries = _summaries(db, type_, now, every=False)
+    return sorted(summaries, key=lambda s: (type_key(s.rollout.type), -s.rollout.id))
+
+
+def list_rollouts(
+    db: sqlite_utils.Database, type_: str | None = None, *, now: datetime | None = None
+) -> list[RolloutSummary]:
+    """Every rollout, newest first."""
+    return _summaries(db, type_, now, every=True)
+
+
+def _summaries(
+    db: sqlite_utils.Database, type_: str | None, now: datetime | None, *, every: bool
+) -> list[RolloutSummary]:
+    """Rollouts newest first, counted in one read transaction: all, or the active ones
+    and the latest of every other type."""
     now = now or utc_now()
     where, params = ("WHERE type_key = ?", (type_key(type_),)) if type_ else ("", ())
     db.conn.execute("BEGIN")
@@ -414,27 +430,10 @@ def rollout_views(
         for row in rows:
             rollout = rollout_from_row(row)
             key = type_key(rollout.type)
-            if rollout.state.active or key not in seen:
+            if every or rollout.state.active or key not in seen:
                 chosen.append(rollout)
             seen.add(key)
-        summaries = [_summary(db, r, now) for r in chosen]
-    finally:
-        db.conn.execute("COMMIT")
-    return sorted(summaries, key=lambda s: (type_key(s.rollout.type), -s.rollout.id))
-
-
-def list_rollouts(
-    db: sqlite_utils.Database, type_: str | None = None, *, now: datetime | None = None
-) -> list[RolloutSummary]:
-    """Every rollout, newest first."""
-    now = now or utc_now()
-    where, params = ("WHERE type_key = ?", (type_key(type_),)) if type_ else ("", ())
-    db.conn.execute("BEGIN")
-    try:
-        rows = db.execute(
-            f"SELECT {COLUMNS} FROM rollouts {where} ORDER BY id DESC", params
-        ).fetchall()
-        return [_summary(db, rollout_from_row(row), now) for row in rows]
+        return [_summary(db, rollout, now) for rollout in chosen]
     finally:
         db.conn.execute("COMMIT")
 
