@@ -135,6 +135,7 @@ def start(
             title=f"Dry run (nothing changed): {plan.type} {plan.stable_version or '—'} → "
             f"{plan.version}",
         )
+        stderr.print(literal(plan.estimate()))
         warn(options)
         return
     rollout = rollouts.start_rollout(home.db, type_, version, options)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from dynupdate.core.audit import Action
 from dynupdate.core.db import write
 from dynupdate.core.decision import Policy
 from dynupdate.core.devices import type_key, validate_type
+from dynupdate.core.durations import format_duration
 from dynupdate.core.errors import Conflict, NotFound
 from dynupdate.core.gates import (
     RolloutOptions,
@@ -85,6 +86,28 @@ class Plan:
     stable_version: str | None
     waves: list[dict[str, Any]]  # per wave: wave (label), devices (cumulative)
     warning: str | None
+    options: RolloutOptions
+
+    def estimate(self) -> str:
+        """The earliest time to 100 % the options allow, in words, and what bounds it.
+
+        Every wave stays open at least ``--soak``; ``--max-per-hour`` opens at most
+        that many attempts an hour, one per device at least. Installs and the
+        polls that verify them come on top.
+        """
+        options = self.options
+        devices = self.waves[-1]["devices"] if self.waves else 0
+        soak = format_duration(options.soak)
+        waves = f"{len(options.waves)} waves, each open at least --soak {soak}"
+        bounds = [(options.soak * len(options.waves), waves)]
+        if options.max_per_hour:
+            hours = timedelta(hours=devices / options.max_per_hour)
+            bounds.append((hours, f"{devices} devices at --max-per-hour {options.max_per_hour}"))
+        earliest, why = max(bounds, key=lambda bound: bound[0])
+        text = f"100 % at the earliest after {format_duration(earliest)} ({why})"
+        if options.max_in_flight:
+            text += f", fewer than {options.max_in_flight} installs at a time (--max-in-flight)"
+        return text + ", plus the installs and the polls that verify them."
 
 
 def _stable(
@@ -245,7 +268,7 @@ def plan_rollout(
         for wave in options.waves
     ]
     return Plan(package.type, package.version, stable.version if stable else None, waves,
-                options.warning)  # fmt: skip
+                options.warning, options)  # fmt: skip
 
 
 # Admin transitions ---------------------------------------------------------------------
