@@ -46,12 +46,10 @@ __all__ = [
     "options_from_json",
     "options_json",
     "options_to_dict",
-    "parse_time",
     "refuse_during_rollout",
     "require_active",
     "rollout_from_row",
     "rollout_views",
-    "utc_text",
     "wave_evidence",
     "wave_progress",
 ]
@@ -179,27 +177,15 @@ def rollout_from_row(row: Sequence[Any]) -> Rollout:
         state=RolloutState(state),
         waves=waves,
         wave=wave,
-        wave_opened_at=parse_time(opened),
+        wave_opened_at=parse_utc(opened),
         options=options_from_json(options, waves),
         halt_reason=reason,
         resumed_at=parse_utc(resumed),
         stopped_at=parse_utc(stopped),
         stopped_seconds=stopped_seconds,
-        started_at=parse_time(started),
+        started_at=parse_utc(started),
         finished_at=parse_utc(finished),
     )
-
-
-def parse_time(text: str) -> datetime:
-    moment = parse_utc(text)
-    assert moment is not None
-    return moment
-
-
-def utc_text(moment: datetime) -> str:
-    text = format_utc(moment)
-    assert text is not None
-    return text
 
 
 def active_rollout(db: sqlite_utils.Database, type_: str) -> Rollout | None:
@@ -272,7 +258,7 @@ def in_flight_sql(rollout: Rollout, now: datetime) -> str:
     stopped = rollout.stopped_total(now)
     # elapsed = now - open_at - (stopped now - stopped at open), in seconds
     return (
-        f"(julianday('{utc_text(now)}') - julianday(open_at)) * 86400.0"
+        f"(julianday('{format_utc(now)}') - julianday(open_at)) * 86400.0"
         f" - ({stopped!r} - open_stopped) < {limit!r}"
     )
 
@@ -327,7 +313,7 @@ def _live(db: sqlite_utils.Database, rollout: Rollout, now: datetime) -> int:
     ]
     if not older:
         return 0
-    cutoff = utc_text(now - LIVE_WINDOW)
+    cutoff = format_utc(now - LIVE_WINDOW)
     bounds = _wave_bounds(rollout, rollout.wave)
     params: tuple[int, ...] = ()
     if bounds is None:

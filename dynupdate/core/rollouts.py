@@ -52,11 +52,10 @@ from dynupdate.core.rollout_records import (
     refuse_during_rollout,
     require_active,
     rollout_from_row,
-    utc_text,
     wave_evidence,
 )
 from dynupdate.core.store import PackageStore
-from dynupdate.core.times import utc_now
+from dynupdate.core.times import format_utc, utc_now
 from dynupdate.core.trial import trial_serials
 from dynupdate.core.versions import same_version, version_key
 from dynupdate.core.vocabulary import RolloutState
@@ -195,7 +194,7 @@ def _start(
 ) -> Rollout:
     """:func:`start_rollout` inside the caller's write transaction (``package add --rollout``)."""
     package, policy, stable = _check_start(db, type_, version)
-    stamp = utc_text(now)
+    stamp = format_utc(now)
     _block(db, package.type, package.version, blocked=False)  # starting unblocks V
     cursor = db.execute(
         "INSERT INTO rollouts (type, type_key, version, stable_version, policy_version,"
@@ -300,7 +299,7 @@ def pause_rollout(
         rollout = _transition(db, type_, (RolloutState.RUNNING,), "pause")
         db.execute(
             "UPDATE rollouts SET state = 'paused', stopped_at = ? WHERE id = ?",
-            (utc_text(now), rollout.id),
+            (format_utc(now), rollout.id),
         )
         audit.append(db, actor, Action.ROLLOUT_PAUSE, rollout.type, {"id": rollout.id})
         return load_rollout(db, rollout.id)
@@ -317,7 +316,7 @@ def resume_rollout(
         db.execute(
             "UPDATE rollouts SET state = 'running', stopped_at = NULL, stopped_seconds = ?,"
             " halt_reason = NULL, resumed_at = ? WHERE id = ?",
-            (rollout.stopped_total(now), utc_text(now), rollout.id),
+            (rollout.stopped_total(now), format_utc(now), rollout.id),
         )
         audit.append(
             db,
@@ -363,7 +362,7 @@ def abort_rollout(
         db.execute(
             "UPDATE rollouts SET state = 'aborted', finished_at = ?, stopped_at = NULL"
             " WHERE id = ?",
-            (utc_text(now), rollout.id),
+            (format_utc(now), rollout.id),
         )
         _block(db, rollout.type, rollout.version)
         audit.append(
@@ -390,14 +389,14 @@ def _pass_wave(
     if rollout.last_wave:
         db.execute(
             "UPDATE rollouts SET state = 'completed', finished_at = ? WHERE id = ?",
-            (utc_text(now), rollout.id),
+            (format_utc(now), rollout.id),
         )
         allow = rollout.policy.allow_newer if rollout.policy else False
         db.execute(
             "INSERT INTO policies (type_key, type, version_to_use, allow_newer, updated)"
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT (type_key) DO UPDATE SET"
             " version_to_use = excluded.version_to_use, updated = excluded.updated",
-            (type_key(rollout.type), rollout.type, rollout.version, int(allow), utc_text(now)),
+            (type_key(rollout.type), rollout.type, rollout.version, int(allow), format_utc(now)),
         )
         audit.append(
             db,
@@ -409,7 +408,7 @@ def _pass_wave(
         return
     db.execute(
         "UPDATE rollouts SET wave = wave + 1, wave_opened_at = ? WHERE id = ?",
-        (utc_text(now), rollout.id),
+        (format_utc(now), rollout.id),
     )
     audit.append(
         db,

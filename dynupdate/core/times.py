@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import overload
 
 __all__ = ["format_utc", "parse_utc", "utc_now"]
 
@@ -12,6 +13,10 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+@overload
+def format_utc(moment: datetime) -> str: ...
+@overload
+def format_utc(moment: None) -> None: ...
 def format_utc(moment: datetime | None) -> str | None:
     """ISO-8601 UTC with ``Z``, to the second.
 
@@ -23,6 +28,10 @@ def format_utc(moment: datetime | None) -> str | None:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@overload
+def parse_utc(text: str) -> datetime: ...
+@overload
+def parse_utc(text: None) -> None: ...
 def parse_utc(text: str | None) -> datetime | None:
     """The inverse of :func:`format_utc` (also reads fractional seconds)."""
     if text is None:
