@@ -161,3 +161,16 @@ def test_endpoint_retry_is_only_for_held_devices(gs, home_dir):
 def test_status_and_list_are_arrays(gs):
     assert gs.json("rollout", "status") == [] and gs.json("rollout", "list") == []
     gs("rollout", "status")  # a table (or a message) without a rollout
+
+
+def test_dry_run_estimates_the_time_to_100_percent(gs, home_dir):
+    register(home_dir, [f"S{n}" for n in range(120)])
+    result = gs("rollout", "start", "GroupSeries", "--version", "6.2.2", "--dry-run",
+                "--waves", "10%,100%", "--soak", "2h", "--max-per-hour", "20",
+                "--max-in-flight", "5")  # fmt: skip
+    # 120 devices at 20 an hour outlast two soaks of 2 h
+    assert "100 % at the earliest after 6h (120 devices at --max-per-hour 20)" in result.stderr
+    assert "fewer than 5 installs at a time" in result.stderr
+    quick = gs("rollout", "start", "GroupSeries", "--version", "6.2.2", "--dry-run",
+               "--waves", "10%,100%", "--soak", "2h")  # fmt: skip
+    assert "after 4h (2 waves, each open at least --soak 2h)" in quick.stderr

@@ -12,10 +12,10 @@ import sqlite_utils
 from dynupdate.core.db import DB_NAME, connect, migrations, open_db, write
 from dynupdate.core.decision import Policy
 from dynupdate.core.errors import StorageError
-from dynupdate.core.fleet import current_generation, load_fleet_state
+from dynupdate.core.fleet import current_generation, load_fleet_state, load_policies
 from dynupdate.core.maintenance import clear_window, load_window, save_window
 from dynupdate.core.packages import Package, add_package, list_packages, remove_package
-from dynupdate.core.policies import disable_policy, load_policies, set_policy
+from dynupdate.core.policies import disable_policy, set_policy
 from dynupdate.core.windows import make_window
 
 

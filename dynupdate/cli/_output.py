@@ -27,6 +27,7 @@ from dynupdate.core.rehearsal import Rehearsal
 __all__ = [
     "DRY_RUN",
     "JSON",
+    "TYPE_FILTER",
     "Column",
     "emit_list",
     "emit_object",
@@ -60,6 +61,7 @@ Column = tuple[str, str]  # (key in the data, header shown)
 # The options every command that shows data, or rehearses a change, takes.
 JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 DRY_RUN = typer.Option(False, "--dry-run", help="Change nothing: show what the change would do.")
+TYPE_FILTER = typer.Option(None, "--type", "-t", help="Only this device type.")
 
 
 def visible(text: str) -> str:

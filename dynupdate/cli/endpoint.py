@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dynupdate.cli._app import home_of, state_of
-from dynupdate.cli._output import JSON, emit_list, emit_object, say, stdout
+from dynupdate.cli._output import JSON, TYPE_FILTER, emit_list, emit_object, say, stdout
 from dynupdate.core.attempts import retry_device
 from dynupdate.core.durations import parse_duration
 from dynupdate.core.endpoints import get_endpoint, list_endpoints
@@ -32,7 +32,7 @@ COLUMNS = [
 @app.command("list")
 def list_(
     ctx: typer.Context,
-    type_: str | None = typer.Option(None, "--type", "-t", help="Only this device type."),
+    type_: str | None = TYPE_FILTER,
     status: str | None = typer.Option(
         None,
         "--status",

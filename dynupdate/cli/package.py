@@ -18,7 +18,7 @@ from rich.progress import (
 
 import dynupdate.cli.rollout as rollout_cli
 from dynupdate.cli._app import home_of, state_of
-from dynupdate.cli._output import JSON, emit_list, emit_object, say, stderr, visible
+from dynupdate.cli._output import JSON, TYPE_FILTER, emit_list, emit_object, say, stderr, visible
 from dynupdate.core.gates import RolloutOptions
 from dynupdate.core.packages import (
     Package,
@@ -134,7 +134,7 @@ def add(
 @app.command("list")
 def list_(
     ctx: typer.Context,
-    type_: str | None = typer.Option(None, "--type", "-t", help="Only this device type."),
+    type_: str | None = TYPE_FILTER,
     as_json: bool = JSON,
 ) -> None:
     """The packages view: type, version, name, size, SHA-256, upload time, description."""

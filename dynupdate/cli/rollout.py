@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dynupdate.cli._app import home_of, state_of
-from dynupdate.cli._output import emit_list, emit_object, literal, say, stderr, stdout
+from dynupdate.cli._output import TYPE_FILTER, emit_list, emit_object, literal, say, stderr, stdout
 from dynupdate.core import rollout_records, rollouts
 from dynupdate.core.durations import parse_duration
 from dynupdate.core.gates import RolloutOptions
@@ -136,6 +136,7 @@ def start(
             title=f"Dry run (nothing changed): {plan.type} {plan.stable_version or '—'} → "
             f"{plan.version}",
         )
+        stderr.print(literal(plan.estimate()))
         warn(options)
         return
     rollout = rollouts.start_rollout(home.db, type_, version, options)
@@ -194,7 +195,7 @@ def abort(ctx: typer.Context, type_: str = TYPE) -> None:
 @app.command("list")
 def list_(
     ctx: typer.Context,
-    type_: str | None = typer.Option(None, "--type", "-t", help="Only this device type."),
+    type_: str | None = TYPE_FILTER,
     as_json: bool = JSON,
 ) -> None:
     """Every rollout, newest first."""

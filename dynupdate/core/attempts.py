@@ -29,10 +29,8 @@ from dynupdate.core.rollout_records import (
     in_flight_sql,
     load_rollout,
     options_from_json,
-    parse_time,
-    utc_text,
 )
-from dynupdate.core.times import utc_now
+from dynupdate.core.times import format_utc, parse_utc, utc_now
 from dynupdate.core.trial import trial_serials
 from dynupdate.core.versions import same_version, version_key
 from dynupdate.core.vocabulary import ReportState, RolloutState
@@ -98,7 +96,7 @@ def time_out(db: sqlite_utils.Database, rollout: Rollout, now: datetime) -> list
 def fail_attempt(
     db: sqlite_utils.Database, rollout: Rollout, serial: str, detail: str, now: datetime
 ) -> None:
-    stamp = utc_text(now)
+    stamp = format_utc(now)
     db.execute(
         "UPDATE rollout_devices SET failures = failures + 1, open_at = NULL, open_stopped = NULL,"
         " succeeded_at = NULL, installed_at = NULL, failed_at = ?, detail = ?"
@@ -116,7 +114,7 @@ def halt_if_failing(db: sqlite_utils.Database, rollout: Rollout, now: datetime) 
     """Halt a running or paused rollout whose failures meet a halt rule; the reason, or None."""
     if rollout.state not in (RolloutState.RUNNING, RolloutState.PAUSED):
         return None
-    since = utc_text(rollout.resumed_at) if rollout.resumed_at else ""
+    since = format_utc(rollout.resumed_at) if rollout.resumed_at else ""
     # Times are kept to the second: an outcome in the second of the resume counts
     # (a failure right after a resume must be able to halt again).
     failed, succeeded = db.execute(
@@ -131,7 +129,7 @@ def halt_if_failing(db: sqlite_utils.Database, rollout: Rollout, now: datetime) 
     stopped = rollout.stopped_at or now
     db.execute(
         "UPDATE rollouts SET state = 'halted', halt_reason = ?, stopped_at = ? WHERE id = ?",
-        (reason, utc_text(stopped), rollout.id),
+        (reason, format_utc(stopped), rollout.id),
     )
     audit.append(
         db,
@@ -184,7 +182,7 @@ def reserve_attempt(
         retry = _limited_until(db, rollout, now)
         if retry is not None:
             return retry
-        open_attempt(db, rollout_id, serial, parent, trial_serials(db), utc_text(now),
+        open_attempt(db, rollout_id, serial, parent, trial_serials(db), format_utc(now),
               rollout.stopped_total(now))  # fmt: skip
         return None
 
@@ -196,7 +194,7 @@ def _limited_until(db: sqlite_utils.Database, rollout: Rollout, now: datetime) -
     if options.max_in_flight is not None:
         deadline = in_flight_sql(rollout, now)
         opened = [
-            parse_time(row[0])
+            parse_utc(row[0])
             for row in db.execute(
                 f"SELECT open_at FROM rollout_devices WHERE rollout_id = ?"
                 f" AND open_at IS NOT NULL AND {deadline} ORDER BY open_at",
@@ -209,11 +207,11 @@ def _limited_until(db: sqlite_utils.Database, rollout: Rollout, now: datetime) -
     if options.max_per_hour is not None:
         hour_ago = now - timedelta(hours=1)
         recent = [
-            parse_time(row[0])
+            parse_utc(row[0])
             for row in db.execute(
                 "SELECT opened_at FROM rollout_attempts WHERE rollout_id = ? AND opened_at > ?"
                 " ORDER BY opened_at",
-                (rollout.id, utc_text(hour_ago)),
+                (rollout.id, format_utc(hour_ago)),
             )
         ]
         if len(recent) >= options.max_per_hour:
@@ -247,7 +245,7 @@ def note_devices(
         raise RuntimeError("note_devices needs the write transaction of the polls or report")
     rollout = load_rollout(db, rollout_id)
     target = version_key(rollout.version)
-    stamp = utc_text(now)
+    stamp = format_utc(now)
     failed = False
     # Most polls are of devices never offered V: one lookup for all of them, then
     # a row read only for those the rollout tracks.

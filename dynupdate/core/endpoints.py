@@ -17,7 +17,7 @@ import sqlite_utils
 from dynupdate.core.decision import Standing
 from dynupdate.core.devices import type_key
 from dynupdate.core.errors import InvalidInput, NotFound
-from dynupdate.core.fleet import STATUSES, ActiveRollout, FleetState, TypeState
+from dynupdate.core.fleet import STATUSES, ActiveRollout, FleetState, PolicyView, TypeState
 from dynupdate.core.registry import HISTORY_LIMIT
 from dynupdate.core.rollout_records import COLUMNS, TRIAL_OF, Rollout, rollout_from_row
 from dynupdate.core.times import format_utc, utc_now
@@ -452,11 +452,8 @@ def _type_name(
 
 def _overview_row(name: str, fleet: FleetState, kind: TypeState) -> dict[str, Any]:
     return {
+        **PolicyView.of(kind, name).to_dict(),
         "type": name,
-        "version_to_use": kind.policy.version_to_use if kind.policy else None,
-        "allow_newer": kind.policy.allow_newer if kind.policy else False,
-        "active": bool(kind.policy and kind.policy.version_to_use),
-        "target_version": kind.target.version if kind.target else None,
         "rollout": _rollout_brief(kind.rollout),
         "endpoints": 0,
         "counts": dict.fromkeys(STATUSES, 0),

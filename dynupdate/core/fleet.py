@@ -32,7 +32,6 @@ from dynupdate.core.decision import (
 from dynupdate.core.devices import type_key
 from dynupdate.core.maintenance import load_window
 from dynupdate.core.packages import Package, list_packages
-from dynupdate.core.policies import load_policies
 from dynupdate.core.rollout_records import ACTIVE_SQL, COLUMNS, Rollout, rollout_from_row
 from dynupdate.core.trial import trial_serials
 from dynupdate.core.vocabulary import Status
@@ -44,9 +43,11 @@ __all__ = [
     "ActiveRollout",
     "FleetCache",
     "FleetState",
+    "PolicyView",
     "TypeState",
     "current_generation",
     "load_fleet_state",
+    "load_policies",
 ]
 
 # Every status, in the order tables show them; counts are keyed by these values.
@@ -162,6 +163,56 @@ _STANDINGS = (_OUTSIDE, Standing(bucket=0, trial=True), Standing(bucket=0, held=
 _STAGED = (Status.UP_TO_DATE, Status.NO_POLICY)
 
 
+@dataclass(frozen=True)
+class PolicyView:
+    """A policy as admins see it, with what it currently means."""
+
+    type: str
+    version_to_use: str | None
+    allow_newer: bool
+    target_version: str | None
+    packages: int
+
+    @classmethod
+    def of(cls, kind: TypeState, name: str = "") -> PolicyView:
+        """The view of one type's state: the one place a policy is shown from.
+
+        ``name``: the type's spelling when neither a policy nor a package gives one.
+        """
+        policy = kind.policy
+        return cls(
+            type=policy.type if policy else kind.packages[0].type if kind.packages else name,
+            version_to_use=policy.version_to_use if policy else None,
+            allow_newer=policy.allow_newer if policy else False,
+            target_version=kind.target.version if kind.target else None,
+            packages=len(kind.packages),
+        )
+
+    @property
+    def active(self) -> bool:
+        return self.version_to_use is not None
+
+    def to_dict(self) -> dict:
+        return {
+            "type": self.type,
+            "version_to_use": self.version_to_use,
+            "allow_newer": self.allow_newer,
+            "active": self.active,
+            "target_version": self.target_version,
+            "packages": self.packages,
+        }
+
+
+def load_policies(db: sqlite_utils.Database) -> dict[str, Policy]:
+    """Every stored policy by type key."""
+    return {
+        key: Policy(type=type_, version_to_use=vtu, allow_newer=bool(allow))
+        for key, type_, vtu, allow in db.execute(
+            "SELECT type_key, type, version_to_use, allow_newer FROM policies"
+        )
+    }
+
+
 def current_generation(db: sqlite_utils.Database) -> int:
     generation: int
     (generation,) = db.execute("SELECT generation FROM config_generation").fetchone()
@@ -169,8 +220,10 @@ def current_generation(db: sqlite_utils.Database) -> int:
 
 
 def load_fleet_state(db: sqlite_utils.Database) -> FleetState:
-    """Read policies, packages and window in one read transaction."""
-    db.conn.execute("BEGIN")
+    """Read policies, packages and window in one read transaction (or the caller's)."""
+    own = not db.conn.in_transaction
+    if own:
+        db.conn.execute("BEGIN")
     try:
         generation = current_generation(db)
         policies = load_policies(db)
@@ -184,7 +237,8 @@ def load_fleet_state(db: sqlite_utils.Database) -> FleetState:
         ]
         trial = trial_serials(db)
     finally:
-        db.conn.execute("COMMIT")
+        if own:
+            db.conn.execute("COMMIT")
     rollouts = {type_key(r.type): r for r in active}
     types = {}
     for key in set(policies) | set(by_type) | set(rollouts):

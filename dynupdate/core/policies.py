@@ -2,83 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import sqlite_utils
 
 from dynupdate.core import audit
 from dynupdate.core.db import write
-from dynupdate.core.decision import Policy, target_package
 from dynupdate.core.devices import type_key
 from dynupdate.core.errors import NotFound
-from dynupdate.core.packages import Package, list_packages, require_package
+from dynupdate.core.fleet import PolicyView, load_fleet_state, load_policies
+from dynupdate.core.packages import require_package
 from dynupdate.core.rollout_records import refuse_during_rollout
 from dynupdate.core.times import format_utc, utc_now
 
-__all__ = [
-    "PolicyView",
-    "disable_policy",
-    "get_policy",
-    "list_policies",
-    "load_policies",
-    "set_policy",
-]
-
-
-@dataclass(frozen=True)
-class PolicyView:
-    """A policy as admins see it, with what it currently means."""
-
-    type: str
-    version_to_use: str | None
-    allow_newer: bool
-    target_version: str | None
-    packages: int
-
-    @property
-    def active(self) -> bool:
-        return self.version_to_use is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "type": self.type,
-            "version_to_use": self.version_to_use,
-            "allow_newer": self.allow_newer,
-            "active": self.active,
-            "target_version": self.target_version,
-            "packages": self.packages,
-        }
-
-
-def load_policies(db: sqlite_utils.Database) -> dict[str, Policy]:
-    """Every stored policy by type key."""
-    return {
-        key: Policy(type=type_, version_to_use=vtu, allow_newer=bool(allow))
-        for key, type_, vtu, allow in db.execute(
-            "SELECT type_key, type, version_to_use, allow_newer FROM policies"
-        )
-    }
+__all__ = ["disable_policy", "get_policy", "list_policies", "set_policy"]
 
 
 def _views(db: sqlite_utils.Database) -> dict[str, PolicyView]:
-    policies = load_policies(db)
-    by_type: dict[str, list[Package]] = {}
-    for package in list_packages(db):
-        by_type.setdefault(type_key(package.type), []).append(package)
-    views = {}
-    for key in sorted(set(policies) | set(by_type)):
-        packages = by_type.get(key, [])
-        policy = policies.get(key)
-        target = target_package(policy, packages)
-        views[key] = PolicyView(
-            type=policy.type if policy else packages[0].type,
-            version_to_use=policy.version_to_use if policy else None,
-            allow_newer=policy.allow_newer if policy else False,
-            target_version=target.version if target else None,
-            packages=len(packages),
-        )
-    return views
+    fleet = load_fleet_state(db)
+    return {key: PolicyView.of(fleet.types[key]) for key in sorted(fleet.types)}
 
 
 def list_policies(db: sqlite_utils.Database) -> list[PolicyView]:

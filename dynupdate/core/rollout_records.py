@@ -46,12 +46,10 @@ __all__ = [
     "options_from_json",
     "options_json",
     "options_to_dict",
-    "parse_time",
     "refuse_during_rollout",
     "require_active",
     "rollout_from_row",
     "rollout_views",
-    "utc_text",
     "wave_evidence",
     "wave_progress",
 ]
@@ -179,27 +177,15 @@ def rollout_from_row(row: Sequence[Any]) -> Rollout:
         state=RolloutState(state),
         waves=waves,
         wave=wave,
-        wave_opened_at=parse_time(opened),
+        wave_opened_at=parse_utc(opened),
         options=options_from_json(options, waves),
         halt_reason=reason,
         resumed_at=parse_utc(resumed),
         stopped_at=parse_utc(stopped),
         stopped_seconds=stopped_seconds,
-        started_at=parse_time(started),
+        started_at=parse_utc(started),
         finished_at=parse_utc(finished),
     )
-
-
-def parse_time(text: str) -> datetime:
-    moment = parse_utc(text)
-    assert moment is not None
-    return moment
-
-
-def utc_text(moment: datetime) -> str:
-    text = format_utc(moment)
-    assert text is not None
-    return text
 
 
 def active_rollout(db: sqlite_utils.Database, type_: str) -> Rollout | None:
@@ -272,7 +258,7 @@ def in_flight_sql(rollout: Rollout, now: datetime) -> str:
     stopped = rollout.stopped_total(now)
     # elapsed = now - open_at - (stopped now - stopped at open), in seconds
     return (
-        f"(julianday('{utc_text(now)}') - julianday(open_at)) * 86400.0"
+        f"(julianday('{format_utc(now)}') - julianday(open_at)) * 86400.0"
         f" - ({stopped!r} - open_stopped) < {limit!r}"
     )
 
@@ -327,7 +313,7 @@ def _live(db: sqlite_utils.Database, rollout: Rollout, now: datetime) -> int:
     ]
     if not older:
         return 0
-    cutoff = utc_text(now - LIVE_WINDOW)
+    cutoff = format_utc(now - LIVE_WINDOW)
     bounds = _wave_bounds(rollout, rollout.wave)
     params: tuple[int, ...] = ()
     if bounds is None:
@@ -403,6 +389,22 @@ def rollout_views(
     db: sqlite_utils.Database, type_: str | None = None, *, now: datetime | None = None
 ) -> list[RolloutSummary]:
     """Active rollouts and the latest of each type (``rollout status``), by type."""
+    summaries = _summaries(db, type_, now, every=False)
+    return sorted(summaries, key=lambda s: (type_key(s.rollout.type), -s.rollout.id))
+
+
+def list_rollouts(
+    db: sqlite_utils.Database, type_: str | None = None, *, now: datetime | None = None
+) -> list[RolloutSummary]:
+    """Every rollout, newest first."""
+    return _summaries(db, type_, now, every=True)
+
+
+def _summaries(
+    db: sqlite_utils.Database, type_: str | None, now: datetime | None, *, every: bool
+) -> list[RolloutSummary]:
+    """Rollouts newest first, counted in one read transaction: all, or the active ones
+    and the latest of every other type."""
     now = now or utc_now()
     where, params = ("WHERE type_key = ?", (type_key(type_),)) if type_ else ("", ())
     db.conn.execute("BEGIN")
@@ -415,27 +417,10 @@ def rollout_views(
         for row in rows:
             rollout = rollout_from_row(row)
             key = type_key(rollout.type)
-            if rollout.state.active or key not in seen:
+            if every or rollout.state.active or key not in seen:
                 chosen.append(rollout)
             seen.add(key)
-        summaries = [_summary(db, r, now) for r in chosen]
-    finally:
-        db.conn.execute("COMMIT")
-    return sorted(summaries, key=lambda s: (type_key(s.rollout.type), -s.rollout.id))
-
-
-def list_rollouts(
-    db: sqlite_utils.Database, type_: str | None = None, *, now: datetime | None = None
-) -> list[RolloutSummary]:
-    """Every rollout, newest first."""
-    now = now or utc_now()
-    where, params = ("WHERE type_key = ?", (type_key(type_),)) if type_ else ("", ())
-    db.conn.execute("BEGIN")
-    try:
-        rows = db.execute(
-            f"SELECT {COLUMNS} FROM rollouts {where} ORDER BY id DESC", params
-        ).fetchall()
-        return [_summary(db, rollout_from_row(row), now) for row in rows]
+        return [_summary(db, rollout, now) for rollout in chosen]
     finally:
         db.conn.execute("COMMIT")
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,6 +33,7 @@ from dynupdate.core.audit import Action
 from dynupdate.core.db import write
 from dynupdate.core.decision import Policy
 from dynupdate.core.devices import type_key, validate_type
+from dynupdate.core.durations import format_duration
 from dynupdate.core.errors import Conflict, NotFound
 from dynupdate.core.gates import (
     RolloutOptions,
@@ -51,11 +52,10 @@ from dynupdate.core.rollout_records import (
     refuse_during_rollout,
     require_active,
     rollout_from_row,
-    utc_text,
     wave_evidence,
 )
 from dynupdate.core.store import PackageStore
-from dynupdate.core.times import utc_now
+from dynupdate.core.times import format_utc, utc_now
 from dynupdate.core.trial import trial_serials
 from dynupdate.core.versions import same_version, version_key
 from dynupdate.core.vocabulary import RolloutState
@@ -85,6 +85,28 @@ class Plan:
     stable_version: str | None
     waves: list[dict[str, Any]]  # per wave: wave (label), devices (cumulative)
     warning: str | None
+    options: RolloutOptions
+
+    def estimate(self) -> str:
+        """The earliest time to 100 % the options allow, in words, and what bounds it.
+
+        Every wave stays open at least ``--soak``; ``--max-per-hour`` opens at most
+        that many attempts an hour, one per device at least. Installs and the
+        polls that verify them come on top.
+        """
+        options = self.options
+        devices = self.waves[-1]["devices"] if self.waves else 0
+        soak = format_duration(options.soak)
+        waves = f"{len(options.waves)} waves, each open at least --soak {soak}"
+        bounds = [(options.soak * len(options.waves), waves)]
+        if options.max_per_hour:
+            hours = timedelta(hours=devices / options.max_per_hour)
+            bounds.append((hours, f"{devices} devices at --max-per-hour {options.max_per_hour}"))
+        earliest, why = max(bounds, key=lambda bound: bound[0])
+        text = f"100 % at the earliest after {format_duration(earliest)} ({why})"
+        if options.max_in_flight:
+            text += f", fewer than {options.max_in_flight} installs at a time (--max-in-flight)"
+        return text + ", plus the installs and the polls that verify them."
 
 
 def _stable(
@@ -173,7 +195,7 @@ def _start(
 ) -> Rollout:
     """:func:`start_rollout` inside the caller's write transaction (``package add --rollout``)."""
     package, policy, stable = _check_start(db, type_, version)
-    stamp = utc_text(now)
+    stamp = format_utc(now)
     _block(db, package.type, package.version, blocked=False)  # starting unblocks V
     cursor = db.execute(
         "INSERT INTO rollouts (type, type_key, version, stable_version, policy_version,"
@@ -247,7 +269,7 @@ def plan_rollout(
         for wave in options.waves
     ]
     return Plan(package.type, package.version, stable.version if stable else None, waves,
-                options.warning)  # fmt: skip
+                options.warning, options)  # fmt: skip
 
 
 # Admin transitions ---------------------------------------------------------------------
@@ -279,7 +301,7 @@ def pause_rollout(
         rollout = _transition(db, type_, (RolloutState.RUNNING,), "pause")
         db.execute(
             "UPDATE rollouts SET state = 'paused', stopped_at = ? WHERE id = ?",
-            (utc_text(now), rollout.id),
+            (format_utc(now), rollout.id),
         )
         audit.append(db, actor, Action.ROLLOUT_PAUSE, rollout.type, {"id": rollout.id})
         return load_rollout(db, rollout.id)
@@ -296,7 +318,7 @@ def resume_rollout(
         db.execute(
             "UPDATE rollouts SET state = 'running', stopped_at = NULL, stopped_seconds = ?,"
             " halt_reason = NULL, resumed_at = ? WHERE id = ?",
-            (rollout.stopped_total(now), utc_text(now), rollout.id),
+            (rollout.stopped_total(now), format_utc(now), rollout.id),
         )
         audit.append(
             db,
@@ -342,7 +364,7 @@ def abort_rollout(
         db.execute(
             "UPDATE rollouts SET state = 'aborted', finished_at = ?, stopped_at = NULL"
             " WHERE id = ?",
-            (utc_text(now), rollout.id),
+            (format_utc(now), rollout.id),
         )
         _block(db, rollout.type, rollout.version)
         audit.append(
@@ -369,14 +391,14 @@ def _pass_wave(
     if rollout.last_wave:
         db.execute(
             "UPDATE rollouts SET state = 'completed', finished_at = ? WHERE id = ?",
-            (utc_text(now), rollout.id),
+            (format_utc(now), rollout.id),
         )
         allow = rollout.policy.allow_newer if rollout.policy else False
         db.execute(
             "INSERT INTO policies (type_key, type, version_to_use, allow_newer, updated)"
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT (type_key) DO UPDATE SET"
             " version_to_use = excluded.version_to_use, updated = excluded.updated",
-            (type_key(rollout.type), rollout.type, rollout.version, int(allow), utc_text(now)),
+            (type_key(rollout.type), rollout.type, rollout.version, int(allow), format_utc(now)),
         )
         audit.append(
             db,
@@ -388,7 +410,7 @@ def _pass_wave(
         return
     db.execute(
         "UPDATE rollouts SET wave = wave + 1, wave_opened_at = ? WHERE id = ?",
-        (utc_text(now), rollout.id),
+        (format_utc(now), rollout.id),
     )
     audit.append(
         db,
