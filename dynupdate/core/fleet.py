@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import sqlite_utils
 
@@ -192,7 +193,7 @@ class PolicyView:
     def active(self) -> bool:
         return self.version_to_use is not None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "type": self.type,
             "version_to_use": self.version_to_use,
