@@ -214,8 +214,8 @@ class PollApp:
         package = decision.package
         if package is not None:
             url = self._package_url(request, package.sha256)
-            # Offers are rare next to polls: one indexed read, only for them.
-            key = key_for(self.home.db, serial, package.version)
+            # One indexed read, for offers only, and only once any key was imported.
+            key = key_for(self.home.db, serial, package.version) if self.fleet().keys else None
             answers.append(
                 protocol.Offer(
                     serial, type_, package.version, package.size, package.sha256,

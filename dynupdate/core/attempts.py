@@ -346,26 +346,17 @@ def device_standing(
     ``max_attempts``: the rollout's, when the caller knows it (the poll server
     does), which spares reading and parsing the rollout's options.
     """
-    if max_attempts is not None:
-        row = db.execute(
-            "SELECT attempts, failures, open_at, succeeded_at FROM rollout_devices"
-            " WHERE rollout_id = ? AND serial = ?",
-            (rollout_id, serial),
-        ).fetchone()
-        if row is None:
-            return False, False, False
-        attempts, failures, open_at, succeeded_at = row
-        limit = max_attempts
-    else:
-        row = db.execute(
-            "SELECT d.attempts, d.failures, d.open_at, d.succeeded_at, r.options, r.waves"
-            " FROM rollout_devices d JOIN rollouts r ON r.id = d.rollout_id"
-            " WHERE d.rollout_id = ? AND d.serial = ?",
-            (rollout_id, serial),
-        ).fetchone()
-        if row is None:
-            return False, False, False
-        attempts, failures, open_at, succeeded_at, options, waves = row
-        limit = options_from_json(options, parse_waves(json.loads(waves))).max_attempts
+    # The connection itself, not sqlite-utils' wrapper: this is on the poll path.
+    row = db.conn.execute(
+        "SELECT attempts, failures, open_at, succeeded_at FROM rollout_devices"
+        " WHERE rollout_id = ? AND serial = ?",
+        (rollout_id, serial),
+    ).fetchone()
+    if row is None:
+        return False, False, False
+    attempts, failures, open_at, succeeded_at = row
+    if max_attempts is None:
+        max_attempts = load_rollout(db, rollout_id).options.max_attempts
+    limit = max_attempts
     held = failures >= limit and open_at is None and succeeded_at is None
     return attempts > 0 or failures > 0, held, open_at is not None

@@ -235,7 +235,9 @@ def _m0005(db: sqlite_utils.Database) -> None:
     db.execute("UPDATE endpoints SET bucket = bucket(coalesce(parent_serial, serial))")
     # What the decision reads changes with a rollout's state and with the trial
     # devices: the server's cached fleet state must notice, as for policies.
-    for table in ("rollouts", "trial_devices"):
+    # Polls look an activation key up only when the fleet state says some exist:
+    # importing or removing keys moves the generation too.
+    for table in ("rollouts", "trial_devices", "activation_keys"):
         for event in ("INSERT", "UPDATE", "DELETE"):
             db.execute(
                 f"CREATE TRIGGER {table}_{event.lower()}_generation AFTER {event} ON {table} "

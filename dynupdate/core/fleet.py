@@ -83,6 +83,7 @@ class FleetState:
     types: dict[str, TypeState]
     window: Window | None
     trial: frozenset[str] = frozenset()  # trial devices' serials (section 6)
+    keys: bool = False  # whether any activation key exists: offers look one up only then
 
     def of(self, type_: str) -> TypeState:
         return self.types.get(type_key(type_), _NO_TYPE)
@@ -237,6 +238,7 @@ def load_fleet_state(db: sqlite_utils.Database) -> FleetState:
             for row in db.execute(f"SELECT {COLUMNS} FROM rollouts WHERE {ACTIVE_SQL}")
         ]
         trial = trial_serials(db)
+        keys = db.execute("SELECT EXISTS (SELECT 1 FROM activation_keys)").fetchone()[0] == 1
     finally:
         if own:
             db.conn.execute("COMMIT")
@@ -259,7 +261,7 @@ def load_fleet_state(db: sqlite_utils.Database) -> FleetState:
                 rollout,
             )
         types[key] = TypeState(policy, packages, target_package(policy, packages), running)
-    return FleetState(generation, types, window, trial)
+    return FleetState(generation, types, window, trial, keys)
 
 
 class FleetCache:

@@ -211,7 +211,8 @@ def remove_key(
 
 def key_for(db: sqlite_utils.Database, serial: str, version: str) -> str | None:
     """The key of ``serial`` for ``version``, or None: one indexed read (the poll path)."""
-    rows = db.execute(
+    # The connection itself, not sqlite-utils' wrapper: this is on the poll path.
+    rows = db.conn.execute(
         "SELECT version, key FROM activation_keys WHERE serial = ?", (serial,)
     ).fetchall()
     stored: str
