@@ -82,24 +82,11 @@ def error_code(status: int) -> str:
     return ERROR_CODES.get(status) or ("internal" if status >= 500 else "invalid-request")
 
 
-_error_document: Callable[[str, str], bytes] | None = None
-
-
 def default_error_body(status: int, code: str, message: str) -> bytes:
     """``<error code="…" message="…"/>`` from dynupdate.protocol, built with lxml."""
-    global _error_document
-    if _error_document is None:
-        try:
-            from dynupdate.protocol import error_document
-        except ImportError:  # the transport used on its own: the same document
-            from lxml import etree
+    from dynupdate.protocol import error_document  # the one place XML answers are built
 
-            def error_document(code: str, message: str) -> bytes:
-                element = etree.Element("error", code=code, message=message)
-                return etree.tostring(element, xml_declaration=True, encoding="UTF-8")
-
-        _error_document = error_document
-    return _error_document(code, message)
+    return error_document(code, message)
 
 
 def error_response(status: int, message: str, code: str | None = None) -> Response:
