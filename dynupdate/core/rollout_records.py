@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -106,37 +106,24 @@ class Rollout:
 # Options as stored: JSON with durations in seconds and shares in basis points.
 
 
+_DURATIONS = frozenset({"soak", "install_timeout"})  # stored as seconds
+
+
 def options_json(options: RolloutOptions) -> str:
-    data = {
-        "soak": options.soak.total_seconds(),
-        "min_devices": options.min_devices,
-        "min_success": options.min_success,
-        "max_failures": options.max_failures,
-        "max_failure_rate": options.max_failure_rate,
-        "max_in_flight": options.max_in_flight,
-        "max_per_hour": options.max_per_hour,
-        "max_attempts": options.max_attempts,
-        "install_timeout": options.install_timeout.total_seconds(),
-        "manual": options.manual,
-    }
+    """Every option but the waves (stored apart, as the admin gave them)."""
+    data: dict[str, Any] = {}
+    for f in fields(options):
+        value = getattr(options, f.name)
+        if f.name != "waves":
+            data[f.name] = value.total_seconds() if f.name in _DURATIONS else value
     return json.dumps(data, sort_keys=True)
 
 
 def options_from_json(text: str, waves: tuple[Wave, ...]) -> RolloutOptions:
-    data = json.loads(text)
-    return RolloutOptions(
-        waves=waves,
-        soak=timedelta(seconds=data["soak"]),
-        min_devices=data["min_devices"],
-        min_success=data["min_success"],
-        max_failures=data["max_failures"],
-        max_failure_rate=data["max_failure_rate"],
-        max_in_flight=data["max_in_flight"],
-        max_per_hour=data["max_per_hour"],
-        max_attempts=data["max_attempts"],
-        install_timeout=timedelta(seconds=data["install_timeout"]),
-        manual=data["manual"],
-    )
+    data: dict[str, Any] = json.loads(text)
+    for name in _DURATIONS:
+        data[name] = timedelta(seconds=data[name])
+    return RolloutOptions(waves=waves, **data)
 
 
 def options_to_dict(options: RolloutOptions) -> dict[str, Any]:
