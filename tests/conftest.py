@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,27 @@ from typer.testing import CliRunner
 
 from dynupdate.cli import app
 from dynupdate.core.home import open_home
+
+# Temp files go to RAM when the machine has room for them (and nobody chose a
+# place): every committed transaction of a temp home fsyncs, which costs
+# milliseconds on a disk and nothing on tmpfs, and most of the suite's time
+# was spent there. The code under test still calls fsync; only a power cut
+# could tell the difference, and no test can make one.
+MEMORY_TEMP = Path("/dev/shm")
+MEMORY_TEMP_FREE = 2 << 30  # the suite keeps well under 1 GiB at once
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    chosen = config.option.basetemp or {"TMPDIR", "PYTEST_DEBUG_TEMPROOT"} & set(os.environ)
+    if chosen or not os.access(MEMORY_TEMP, os.W_OK | os.X_OK):
+        return
+    free = os.statvfs(MEMORY_TEMP)
+    if free.f_bavail * free.f_frsize < MEMORY_TEMP_FREE:
+        return
+    # Before any temp path exists: pytest's base, the servers and CLIs the
+    # tests start (and the xdist workers) all read it.
+    os.environ["TMPDIR"] = str(MEMORY_TEMP)
+    tempfile.tempdir = None  # gettempdir() caches; read TMPDIR again
 
 
 @pytest.fixture(autouse=True)
