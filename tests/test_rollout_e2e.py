@@ -26,6 +26,14 @@ ENDPOINTS = 1000
 WAVES = "10%,50%,100%"
 FIRST_WAVE = 1000  # basis points: a bucket below it is in wave 1
 POLL_INTERVAL = 2.0  # the simulator's time scale; the server says 60 s
+# Longer than any run of these tests: on a busy machine (a parallel suite, a CI
+# neighbour) an install can outlast a few seconds with nothing wrong, and a
+# timed-out attempt counts as failed, halting a good release (seen: "3 of 29
+# outcomes failed"). Install timeouts have their own test in test_rollout_server.
+INSTALL_TIMEOUT = "10m"
+# The most a rehearsal may take before the test gives up: a generous bound, not
+# a measure (an idle machine needs a fraction of it).
+WAIT = 150
 
 
 def cli(home: Path, *args) -> str:
@@ -100,7 +108,9 @@ def test_a_release_failing_on_30_percent_halts_in_wave_1_and_reaches_no_one_else
 ):
     home = tmp_path / "server"
     server = start_server(home, "--poll-interval", "60", "--no-access-log")
-    prepare(home, tmp_path, "--soak", "2s", "--install-timeout", "5s", "--min-devices", "5")
+    prepare(
+        home, tmp_path, "--soak", "2s", "--install-timeout", INSTALL_TIMEOUT, "--min-devices", "5"
+    )
     simulation = fleet_simulation(server, faults=f"{GS}={NEW}:30%")
 
     stats = simulation.client.stats
@@ -117,7 +127,7 @@ def test_a_release_failing_on_30_percent_halts_in_wave_1_and_reaches_no_one_else
             halt_seen.append(simulation.elapsed())
         return stats.polls >= polls_at_halt[0] + ENDPOINTS
 
-    elapsed = asyncio.run(run_until(simulation, halted_and_heard_again, "the halt", 45))
+    elapsed = asyncio.run(run_until(simulation, halted_and_heard_again, "the halt", WAIT))
     state, wave, reason, started_at, stopped_at, _ = rollout_row(home)
     assert (state, wave) == ("halted", 1), reason
     assert "failed" in reason, reason
@@ -160,7 +170,9 @@ def test_a_release_failing_on_30_percent_halts_in_wave_1_and_reaches_no_one_else
 def test_a_good_release_opens_every_wave_and_completes(start_server, tmp_path):
     home = tmp_path / "server"
     server = start_server(home, "--poll-interval", "60", "--no-access-log")
-    prepare(home, tmp_path, "--soak", "1s", "--install-timeout", "5s", "--min-devices", "5")
+    prepare(
+        home, tmp_path, "--soak", "1s", "--install-timeout", INSTALL_TIMEOUT, "--min-devices", "5"
+    )
     simulation = fleet_simulation(server)
 
     def completed_and_all_on_new() -> bool:
@@ -169,7 +181,7 @@ def test_a_good_release_opens_every_wave_and_completes(start_server, tmp_path):
         [(left,)] = query(home, "SELECT count(*) FROM endpoints WHERE version != ?", NEW)
         return left == 0 and simulation.totals["up-to-date"] == ENDPOINTS
 
-    elapsed = asyncio.run(run_until(simulation, completed_and_all_on_new, "completion", 50))
+    elapsed = asyncio.run(run_until(simulation, completed_and_all_on_new, "completion", WAIT))
     state, wave, reason, started_at, _, finished_at = rollout_row(home)
     assert (state, wave, reason) == ("completed", 3, None)
     [(count,)] = query(home, "SELECT count(*) FROM endpoints WHERE version = ?", NEW)
