@@ -306,7 +306,9 @@ def test_a_start_racing_the_beginning_of_an_import_does_not_fail_it(
     assert created and package.size == len(b"package bytes")
 
 
-CHANGE_TRIALS = 16
+# Timed kills at moments spread over an import; the boundaries between its
+# transactions are covered one by one by the test after this one.
+CHANGE_TRIALS = 8
 KEYS_PER_FILE = 30_000
 
 
@@ -314,15 +316,15 @@ def _import_command(home: Path, keys: Path) -> list[str]:
     return [sys.executable, "-m", "dynupdate", "--home", str(home), "key", "import", str(keys)]
 
 
-def _keys_file(folder: Path, trial: int) -> Path:
+def _keys_file(folder: Path, trial: int, keys: int = KEYS_PER_FILE) -> Path:
     """Keys for the same devices in every file, each file's own: every import replaces them all."""
     path = folder / f"keys-{trial}.csv"
-    rows = "".join(f"S{n:05d},1.0,K{n}-{trial}\n" for n in range(KEYS_PER_FILE))
+    rows = "".join(f"S{n:05d},1.0,K{n}-{trial}\n" for n in range(keys))
     path.write_text("serial,version,key\n" + rows)
     return path
 
 
-def _change_and_entry(home: Path) -> tuple[int | None, int | None]:
+def _change_and_entry(home: Path, keys: int = KEYS_PER_FILE) -> tuple[int | None, int | None]:
     """(the trial whose keys the table holds, the trial the newest key.import entry names)."""
     conn = sqlite3.connect(home / DB_NAME)
     try:
@@ -337,7 +339,7 @@ def _change_and_entry(home: Path) -> tuple[int | None, int | None]:
     finally:
         conn.close()
     assert len(suffixes) <= 1, f"keys of several imports at once: {suffixes}"
-    assert count in (0, KEYS_PER_FILE), f"a half import: {count} keys"
+    assert count in (0, keys), f"a half import: {count} keys"
     held = int(suffixes.pop()) if suffixes else None
     named = None
     if entry is not None:
@@ -398,3 +400,71 @@ def test_kill_9_during_a_change_keeps_the_change_and_its_audit_entry_together(tm
         env=_env(), capture_output=True, text=True,
     )  # fmt: skip
     assert verified.returncode == 0, verified.stderr
+
+
+# `key import`, killed as the statement after its Nth COMMIT starts: the state
+# between two of its transactions, whatever N, exactly as a kill -9 leaves it.
+_IMPORT_KILLED_AFTER_COMMITS = """
+import os, signal, sys
+from dynupdate.core import db
+
+home, keys, kill_after = sys.argv[1], sys.argv[2], int(sys.argv[3])
+commits = 0
+connect = db.connect
+
+def connect_and_trace(path):
+    opened = connect(path)
+
+    def statement(sql):
+        global commits
+        if commits == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if sql.lstrip()[:6].upper() == "COMMIT":
+            commits += 1
+
+    opened.conn.set_trace_callback(statement)
+    return opened
+
+db.connect = connect_and_trace
+sys.argv = ["dynupdate", "--home", home, "key", "import", keys]
+from dynupdate.cli import main
+main()
+"""
+
+
+def test_a_kill_after_any_commit_of_a_change_keeps_it_with_its_audit_entry(tmp_path: Path):
+    """Killed after its 0th, 1st, 2nd... COMMIT until it completes: both or neither, every time.
+
+    The timed kills above land at random moments; this one lands on every
+    boundary between transactions, so a change committed apart from its entry
+    (the keys in one transaction, the entry in the next) cannot slip through.
+    """
+    keys = 50  # what is committed together matters here, not how long it takes
+    home = tmp_path / "home"
+    open_home(home).close()
+    outcomes = []
+    for kill_after in range(20):
+        trial = kill_after + 1
+        before = _change_and_entry(home, keys)
+        done = subprocess.run(
+            [sys.executable, "-c", _IMPORT_KILLED_AFTER_COMMITS, str(home),
+             str(_keys_file(tmp_path, trial, keys)), str(kill_after)],
+            env=_env(), capture_output=True, text=True,
+        )  # fmt: skip
+        assert done.returncode in (0, -signal.SIGKILL), done.stderr
+        held, named = _change_and_entry(home, keys)
+        assert held == named, f"after {kill_after} commits: keys of import {held}, entry of {named}"
+        assert (held, named) in (before, (trial, trial))
+        opened = open_home(home)
+        try:
+            assert verify(opened.db).intact
+        finally:
+            opened.close()
+        if done.returncode == 0:
+            break
+        outcomes.append("both" if held == trial else "neither")
+    else:
+        raise AssertionError("key import never completed")
+    print(f"killed after 0..{len(outcomes) - 1} commits: {outcomes}; then completed")
+    assert held == trial, "the completed import is kept"
+    assert outcomes and outcomes[0] == "neither", outcomes
