@@ -19,7 +19,7 @@ run: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest --durations=15
+	$(BIN)/pytest -n auto --dist worksteal --durations=15
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/run_all.py

@@ -34,6 +34,22 @@ def pytest_configure(config: pytest.Config) -> None:
     tempfile.tempdir = None  # gettempdir() caches; read TMPDIR again
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that take seconds run first, the longest first; the others keep their order.
+
+    `make test` spreads the suite over xdist workers: a test of 20 s handed out
+    last would leave the other workers idle until it ends.
+    """
+    items.sort(key=_expected_length)
+
+
+def _expected_length(item: pytest.Item) -> int:
+    """0: marked slow (5 s or more); 1: starts a server process (a second or more); 2: others."""
+    if item.get_closest_marker("slow") is not None:
+        return 0
+    return 1 if "start_server" in getattr(item, "fixturenames", ()) else 2
+
+
 @pytest.fixture(autouse=True)
 def home_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own home, as DYNUPDATE_HOME."""

@@ -23,6 +23,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from helpers import ServerProcess
 from lxml import etree
 
@@ -89,6 +90,7 @@ def assert_unavailable(status: int, headers: dict, data: bytes) -> None:
     assert etree.fromstring(data).get("code") == "unavailable"
 
 
+@pytest.mark.slow
 def test_a_held_write_lock_never_delays_polls_and_reports_wait(start_server, home_dir):
     server = start_server(home_dir)
     poll(server, "LOCK-1")

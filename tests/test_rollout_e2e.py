@@ -13,6 +13,7 @@ import sqlite3
 from datetime import datetime
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from dynupdate.cli import app
@@ -20,6 +21,8 @@ from dynupdate.core.waves import bucket
 from dynupdate.endpoint import EndpointClient
 from dynupdate.endpoint.simulation import Simulation, build_fleet, parse_fault_options, parse_fleet
 from dynupdate.fingerprints import fingerprint
+
+pytestmark = pytest.mark.slow
 
 GS, OLD, NEW = "GroupSeries", "6.2.1", "6.2.2"
 ENDPOINTS = 1000

@@ -203,6 +203,7 @@ def test_held_after_max_attempts(gs, start_server, home_dir):
 # Outcomes and gates ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_verified_success_opens_the_next_wave_then_completes(gs, start_server, home_dir):
     (first,), (second,) = serials_in(0, 5000, 1, "A"), serials_in(5000, 10_000, 1, "B")
     # Two workers, each evaluating the gates: each transition is made (and logged) once.
