@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from helpers import ServerProcess
+from hypothesis import HealthCheck, settings
 from typer.testing import CliRunner
 
 from dynupdate.cli import app
@@ -19,6 +20,15 @@ from dynupdate.core.home import open_home
 # could tell the difference, and no test can make one.
 MEMORY_TEMP = Path("/dev/shm")
 MEMORY_TEMP_FREE = 2 << 30  # the suite keeps well under 1 GiB at once
+
+
+# No clock in a property: an example is judged by what it returns, never by the
+# 200 ms it may take on a busy machine (the suite runs on every core at once),
+# where hypothesis's default deadline and slow-data check would fail it at random.
+settings.register_profile(
+    "suite", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("suite")
 
 
 def pytest_configure(config: pytest.Config) -> None:
