@@ -483,7 +483,7 @@ TRAVERSALS = [
     "/packages/{sha}/",
     "/packages/{sha}/.",
     "/packages/{sha}%2f..%2f..%2fdynupdate.db",
-    "/packages/{SHA}",
+    "/packages/{SHA}%00",  # the hash in upper case is the package (test_serve); more is not
     "/packages/{short}/{sha}",
     "/packages/.tmp",
     "/packages/tls/server.key",
