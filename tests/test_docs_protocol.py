@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import re
 import shlex
 import socket
 import sqlite3
@@ -148,6 +149,21 @@ def test_each_xml_block_is_valid_against_the_xsd_unless_marked(block):
     assert SCHEMA.validate(document), f"line {block.line}: {SCHEMA.error_log.last_error}"
     if document.tag in REQUESTS:
         assert block.note.startswith("send"), f"line {block.line}: a request never sent"
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    kept = "".join(c for c in heading.strip().lower() if c.isalnum() or c in " -_")
+    return kept.replace(" ", "-")
+
+
+def test_the_contents_links_lead_to_headings():
+    text = GUIDE.read_text()
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)  # no shell comments
+    anchors = {slug(line.lstrip("#")) for line in prose.splitlines() if line.startswith("#")}
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert len(links) >= 10
+    assert set(links) <= anchors, set(links) - anchors
 
 
 def error_table() -> set[tuple[int, str]]:
