@@ -38,7 +38,7 @@ from dynupdate.core.fleet import ActiveRollout, FleetCache, FleetState
 from dynupdate.core.home import Home, home_locked, open_home
 from dynupdate.core.keys import key_for
 from dynupdate.core.registry import Sighting, StatusReport, UnknownDevice, registered_parents
-from dynupdate.core.store import is_sha256
+from dynupdate.core.store import canonical_sha256
 from dynupdate.core.times import utc_now
 from dynupdate.core.versions import at_least
 from dynupdate.core.vocabulary import Reason
@@ -401,13 +401,13 @@ class PollApp:
             return _error(
                 405, "method-not-allowed", "Use GET or HEAD on packages.", ("Allow", "GET, HEAD")
             )
-        name = request.path[len("/packages/") :]
-        if not is_sha256(name) or not self._known(name):
+        sha256 = canonical_sha256(request.path[len("/packages/") :])  # ETag and file: lowercase
+        if sha256 is None or not self._known(sha256):
             return _error(404, "not-found", "No such package.")
-        path = self.home.store.path_for(name)
+        path = self.home.store.path_for(sha256)
         if not path.is_file():
             return _error(404, "not-found", "No such package.")
-        return file_response(request, path, name)
+        return file_response(request, path, sha256)
 
     def _known(self, sha256: str) -> bool:
         return any(
