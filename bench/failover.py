@@ -56,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,7 +114,7 @@ class Load:
     max_inflight: int
     acked: dict[str, float] = field(default_factory=dict)  # detail -> monotonic time of the 200
     sent: int = 0
-    errors: int = 0
+    errors: Counter = field(default_factory=Counter)  # kind -> cycles it ended
     skipped: int = 0
     inflight: int = 0
     _next: int = 0
@@ -129,8 +130,8 @@ class Load:
                 self.sent += 1
                 await session.report([DeviceReport(serial, TYPE, NEW, "downloading", detail)])
                 self.acked[detail] = time.monotonic()
-        except EndpointError:
-            self.errors += 1
+        except EndpointError as e:
+            self.errors[e.kind] += 1
         finally:
             self.inflight -= 1
 
@@ -187,7 +188,7 @@ class Trial:
     wal_max: int  # bytes
     resyncs: int  # Litestream syncs that had to copy the whole database (WAL changed behind it)
     litestream_cpu: float  # share of one core Litestream used during the load
-    errors: int
+    errors: Counter  # the load's errors by kind, those of the kill included
     skipped: int
 
 
@@ -353,7 +354,7 @@ def show(t: Trial, index: int) -> None:
         f"      Litestream {t.litestream_cpu:.0%} of a core, whole-database syncs {t.resyncs}; "
         f"primary WAL file max {t.wal_max / 2**20:.1f} MiB; never acknowledged but restored "
         f"{t.extra}; "
-        f"client errors {t.errors}, starts skipped {t.skipped}",
+        f"cycles failed {dict(t.errors) or 0}, starts skipped {t.skipped}",
         flush=True,
     )
 
