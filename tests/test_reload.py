@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_workers import _workers
 
 from dynupdate.fingerprints import fingerprint
 from dynupdate.server.tls import ensure_self_signed
@@ -177,3 +178,26 @@ def test_the_self_signed_certificate_is_reread_never_remade(start_server, home_d
     _wait_for_line(server, f"Reloaded the TLS certificate {made[0]}: SHA-256 fingerprint {new}")
     _all_new_connections_see(server.port, new, in_a_row=3)
     server.assert_no_traceback()
+
+
+def test_a_worker_started_after_a_reload_serves_the_new_certificate(
+    start_server, home_dir, pairs, live
+):
+    cert, key = live
+    server = start_server(home_dir, "--cert", str(cert), "--key", str(key),
+                          "--workers", "2", cafile=cert)  # fmt: skip
+    new = fingerprint(pairs["new"][0])
+    _install(pairs["new"], cert, key)
+    server.process.send_signal(signal.SIGHUP)
+    _wait_for_line(server, f"fingerprint {new}")
+    _all_new_connections_see(server.port, new, in_a_row=12)
+    # Both workers die; the ones the supervisor starts instead begin with the new context.
+    before = _workers(server.process.pid)
+    for worker in before:
+        os.kill(worker, signal.SIGKILL)
+    _wait_for_line(server, "starting another", count=2)
+    end = time.monotonic() + 20
+    while len(_workers(server.process.pid) - before) < 2:
+        assert time.monotonic() < end, "".join(server.log)
+        time.sleep(0.05)
+    _all_new_connections_see(server.port, new, in_a_row=12)

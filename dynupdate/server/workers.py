@@ -223,7 +223,13 @@ def _supervise(
         if reload_tls is None or ssl_context is None or stopping:
             return
         # Checked here once: unusable files are one line in the log, not one per worker.
-        context = reload_tls(True)
+        try:
+            context = reload_tls(True)
+        except RuntimeError:
+            # Its line written while this process was writing one (a reentrant write to
+            # stderr): raised from a signal handler, it would stop the supervisor. The
+            # workers keep the old certificate until the next SIGHUP.
+            return
         if context is None:
             return
         ssl_context = context  # what a worker started from now on begins with
