@@ -44,7 +44,7 @@ from dynupdate.core.versions import at_least
 from dynupdate.core.vocabulary import Reason
 from dynupdate.core.waves import bucket
 from dynupdate.recording import EndpointWriter
-from dynupdate.server import listener, tls, workers
+from dynupdate.server import listener, logs, tls, workers
 from dynupdate.server.files import file_response
 from dynupdate.server.identity import Forbidden, certificate_names, check_poll, check_report
 from dynupdate.server.messages import Request, Response
@@ -455,6 +455,7 @@ class ServeConfig:
     max_per_client: int | None = 1_000  # None: no cap
     request_timeout: float = 30.0
     access_log: bool = True
+    log_format: str = "text"  # or "json": one JSON object a line
 
 
 def _stderr_line(line: str) -> None:
@@ -506,7 +507,9 @@ def _serve_locked(
     cert, key = config.cert, config.key
     if cert is None or key is None:
         cert, key = tls.ensure_self_signed(home_path)
-    context = tls.server_context(cert, key, config.client_ca)
+    log_format = logs.LogFormat(config.log_format)
+    note = logs.server_log(log_format, _stderr_line)
+    certificate = tls.ServerCertificate(cert, key, config.client_ca, note)
     worker_count = config.workers or os.cpu_count() or 1
     host, port = config.host, config.port
     shown_host = socket.gethostname() if host in ("0.0.0.0", "::") else host
@@ -550,8 +553,10 @@ def _serve_locked(
         app_factory,
         host,
         port,
-        context,
+        certificate.context,
         workers=worker_count,
+        reload_tls=certificate.reload,
+        log_format=log_format,
         ready=ready,
         max_connections=max_connections,
         max_per_client=config.max_per_client,

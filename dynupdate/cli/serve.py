@@ -9,6 +9,7 @@ import typer
 from dynupdate.cli._app import state_of
 from dynupdate.cli._output import say
 from dynupdate.core.durations import parse_seconds
+from dynupdate.server.logs import LogFormat
 
 
 def serve(
@@ -65,8 +66,15 @@ def serve(
         "--access-log/--no-access-log",
         help="One line per request on stderr (failed connections are logged either way).",
     ),
+    log_format: LogFormat = typer.Option(
+        LogFormat.TEXT,
+        "--log-format",
+        help="text: one line per event led by its UTC time; json: one JSON object per line.",
+    ),
 ) -> None:
     """Serve endpoints over HTTPS: polls, status reports and package downloads.
+
+    SIGHUP re-reads --cert and --key (a renewed certificate) without dropping connections.
 
     Example: dynupdate serve --port 8443 --public-url https://updates.example.com
     """
@@ -89,6 +97,7 @@ def serve(
         max_per_client=max_per_client or None,
         request_timeout=parse_seconds(request_timeout, "--request-timeout", least=1, most=3600),
         access_log=access_log,
+        log_format=log_format.value,
     )
     state = state_of(ctx)
     run_server(state.home_path, config, say=say, quiet=state.quiet)

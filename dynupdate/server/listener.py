@@ -23,9 +23,10 @@ from typing import Any
 
 from dynupdate.core.errors import DynupdateError, InvalidInput
 from dynupdate.server.connection import Connection
+from dynupdate.server.logs import LogFormat, connection_line
 from dynupdate.server.messages import App, ErrorBody, default_error_body
 from dynupdate.server.reading import WAIT
-from dynupdate.server.state import ServerState, printable
+from dynupdate.server.state import ServerState
 from dynupdate.server.tlsio import TLSTransport, spoke_plain_http, wrap_server_socket
 
 __all__ = ["FD_RESERVE", "Server", "listen_sockets", "open_file_limit"]
@@ -66,8 +67,10 @@ class Server:
     connections get ``crowded_keepalive_timeout`` instead of ``keepalive_timeout``.
     ``access_log`` gets one line per request, ``connection_log`` one per failed
     handshake, plain-HTTP request on the TLS port or refused connection (rate
-    limited; default: the ``dynupdate.server`` logger), each led by a UTC time.
-    ``ssl_context=None`` serves plain HTTP (for tests and TLS-terminating proxies).
+    limited; default: the ``dynupdate.server`` logger), each led by a UTC time;
+    ``log_format`` "json" makes both one JSON object a line (:mod:`~dynupdate.server.logs`).
+    ``ssl_context=None`` serves plain HTTP (for tests and TLS-terminating proxies);
+    :meth:`use_tls` swaps the context for new handshakes (a renewed certificate).
     """
 
     def __init__(
@@ -88,8 +91,10 @@ class Server:
         connection_log: Callable[[str], None] | None = None,
         error_body: ErrorBody | None = None,
         backlog: int = 1024,
+        log_format: LogFormat | str = LogFormat.TEXT,
     ) -> None:
         self.ssl_context = ssl_context
+        self.log_format = LogFormat(log_format)
         self.handshake_timeout = handshake_timeout
         self.shutdown_timeout = shutdown_timeout
         self.max_connections = max_connections
@@ -110,6 +115,7 @@ class Server:
             max_per_client=max_per_client,
             access_log=access_log,
             error_body=error_body or default_error_body,
+            json_log=self.log_format is LogFormat.JSON,
         )
         # Counters, for tests and for operators (more in state).
         self.refused = 0  # connections closed at once: max_connections or max_per_client reached
@@ -149,6 +155,12 @@ class Server:
     def timeouts(self) -> int:
         """Requests not received, or answers not read, in time."""
         return self.state.timeouts
+
+    def use_tls(self, context: ssl.SSLContext) -> None:
+        """New handshakes use ``context``; connections already open keep the one they began with."""
+        if self.ssl_context is None:
+            raise DynupdateError("This server speaks plain HTTP: it has no TLS context to replace.")
+        self.ssl_context = context
 
     async def start(
         self,
@@ -336,14 +348,20 @@ class Server:
             self._events_dropped += 1
             return
         self._events += 1
-        self._write_event(f"{self.state.stamp()} {client} {printable(what)}")
+        self._write_event(connection_line(self.log_format, self.state.stamp(), client, what))
 
     def _flush_events(self) -> None:
         if self._events_dropped:
-            self._write_event(
-                f"{self.state.stamp()} {self._events_dropped} more connection failures not logged "
+            what = (
+                f"{self._events_dropped} more connection failures not logged "
                 f"(at most {EVENT_BURST} lines in {EVENT_PERIOD:g} s)"
             )
+            self._write_event(
+                connection_line(
+                    self.log_format, self.state.stamp(), None, what,
+                    not_logged=self._events_dropped,
+                )
+            )  # fmt: skip
         self._events = self._events_dropped = 0
 
     def _write_event(self, line: str) -> None:
