@@ -24,6 +24,7 @@ from typing import Any
 from dynupdate.core.errors import DynupdateError, InvalidInput
 from dynupdate.server.connection import Connection
 from dynupdate.server.messages import App, ErrorBody, default_error_body
+from dynupdate.server.metered import Meter, failure_reason, metered_connection
 from dynupdate.server.reading import WAIT
 from dynupdate.server.state import ServerState, printable
 from dynupdate.server.tlsio import TLSTransport, spoke_plain_http, wrap_server_socket
@@ -68,6 +69,8 @@ class Server:
     handshake, plain-HTTP request on the TLS port or refused connection (rate
     limited; default: the ``dynupdate.server`` logger), each led by a UTC time.
     ``ssl_context=None`` serves plain HTTP (for tests and TLS-terminating proxies).
+    ``meter`` (``serve --metrics``) is told of every answer, connection and failed
+    handshake; without one, connections do no metering work at all.
     """
 
     def __init__(
@@ -88,8 +91,11 @@ class Server:
         connection_log: Callable[[str], None] | None = None,
         error_body: ErrorBody | None = None,
         backlog: int = 1024,
+        meter: Meter | None = None,
     ) -> None:
         self.ssl_context = ssl_context
+        self.meter = meter
+        self._connection = Connection if meter is None else metered_connection(meter)
         self.handshake_timeout = handshake_timeout
         self.shutdown_timeout = shutdown_timeout
         self.max_connections = max_connections
@@ -266,7 +272,7 @@ class Server:
                 per_client[key] = already + 1
             state.count += 1
             conn.setblocking(False)
-            protocol = Connection(state, addr[:2])
+            protocol = self._connection(state, addr[:2])
             protocol.client_key = key
             if self.ssl_context is None:
                 task = self.loop.create_task(self._open(conn, protocol))
@@ -279,6 +285,8 @@ class Server:
             except OSError as exc:
                 self._gone(protocol)
                 self.handshake_failures += 1
+                if self.meter is not None:
+                    self.meter.handshake_failed("other")
                 conn.close()
                 self._event(addr[0], f"TLS failed to start: {exc}")
                 continue
@@ -303,6 +311,8 @@ class Server:
         self.handshake_failures += 1
         if self.state.closing:
             return  # aborted by close()
+        if self.meter is not None:
+            self.meter.handshake_failed(failure_reason(exc))
         reason = getattr(exc, "reason", None)
         if spoke_plain_http(exc):
             what = "plain HTTP on the HTTPS port: the client must use https://"
@@ -357,6 +367,8 @@ class Server:
         self.state.count -= 1
         if protocol.client_key is not None:
             self.state.leave(protocol.client_key)
+        if self.meter is not None:
+            self.meter.closed()
 
     def _resume_accept(self, listener: socket.socket) -> None:
         if not self.state.closing:
@@ -413,8 +425,12 @@ def listen_sockets(
     reuse_port: bool = False,
     backlog: int = 1024,
     listen: bool = True,
+    option: str = "--host or --port",
 ) -> list[socket.socket]:
-    """Bound (and listening) sockets for every address of host; port 0 picks one free port."""
+    """Bound (and listening) sockets for every address of host; port 0 picks one free port.
+
+    ``option``: what the refusal tells the admin to change.
+    """
     try:
         infos = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -444,11 +460,11 @@ def listen_sockets(
                 if exc.errno == errno.EADDRINUSE:
                     raise InvalidInput(
                         f"Another process already listens on {addr[0]} port {addr[1]}; "
-                        "stop it or choose another --host or --port."
+                        f"stop it or choose another {option}."
                     ) from None
                 raise InvalidInput(
                     f"Cannot listen on {addr[0]} port {addr[1]}: {exc.strerror}. "
-                    "Choose another --host or --port."
+                    f"Choose another {option}."
                 ) from None
             if listen:
                 s.listen(backlog)

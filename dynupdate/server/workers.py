@@ -41,6 +41,7 @@ def run(
     workers: int = 1,
     ready: Callable[[list[tuple[str, int]]], None] | None = None,
     loop: str = "auto",
+    worker_exited: Callable[[int], None] | None = None,
     **server_opts: Any,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then shut down cleanly. Blocks.
@@ -53,6 +54,8 @@ def run(
     SIGINT/SIGTERM on. ``ready(addresses)`` is called once every worker listens.
     ``loop``: "uvloop", "asyncio", or "auto" (uvloop when installed: it takes
     about a quarter off the CPU per request and per handshake).
+    ``worker_exited(pid)`` is called in the supervisor when a worker has exited
+    (before another is started): what it kept for the others to read is stale.
     """
     factory = loop_factory(loop)
     # A write past a file-size limit (RLIMIT_FSIZE) must fail with EFBIG, as a full
@@ -63,7 +66,9 @@ def run(
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(_serve(app_factory, host, port, ssl_context, server_opts, False, ready))
         return
-    _supervise(app_factory, host, port, ssl_context, server_opts, workers, ready, factory)
+    _supervise(
+        app_factory, host, port, ssl_context, server_opts, workers, ready, factory, worker_exited
+    )
 
 
 def loop_factory(name: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -132,6 +137,7 @@ def _supervise(
     workers: int,
     ready: Callable[[list[tuple[str, int]]], None] | None,
     factory: Callable[[], asyncio.AbstractEventLoop] | None,
+    worker_exited: Callable[[int], None] | None = None,
 ) -> None:
     if port:
         # SO_REUSEPORT would let the kernel spread connections over this server and
@@ -211,6 +217,8 @@ def _supervise(
             except ChildProcessError:
                 break
             children.pop(pid, None)
+            if worker_exited is not None:
+                worker_exited(pid)
             if stopping:
                 continue
             now = time.monotonic()
