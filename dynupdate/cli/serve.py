@@ -65,12 +65,20 @@ def serve(
         "--access-log/--no-access-log",
         help="One line per request on stderr (failed connections are logged either way).",
     ),
+    metrics: str | None = typer.Option(
+        None,
+        "--metrics",
+        metavar="[HOST:]PORT",
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP; PORT or :PORT: "
+        "on 127.0.0.1).",
+    ),
 ) -> None:
     """Serve endpoints over HTTPS: polls, status reports and package downloads.
 
     Example: dynupdate serve --port 8443 --public-url https://updates.example.com
     """
     from dynupdate.serve import ServeConfig, run_server
+    from dynupdate.server.metered import parse_address
 
     config = ServeConfig(
         host=host,
@@ -89,6 +97,7 @@ def serve(
         max_per_client=max_per_client or None,
         request_timeout=parse_seconds(request_timeout, "--request-timeout", least=1, most=3600),
         access_log=access_log,
+        metrics=parse_address(metrics) if metrics is not None else None,
     )
     state = state_of(ctx)
     run_server(state.home_path, config, say=say, quiet=state.quiet)
