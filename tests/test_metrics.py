@@ -149,6 +149,8 @@ def test_a_scrape_counts_every_worker(metered, home_dir, tmp_path):
     poll(server, "M3", "MetricsT", "1.0", in_call=True)
     for i in range(40):
         poll(server, f"N{i}", "Other", "1.0")
+    # A type name is the device's to choose: a label value, escaped, never a new line.
+    poll(server, "H1", 'Ev&quot;il\\} 1', "1.0")
     report(server, "M1", "MetricsT", "2.0", "installed")
     report(server, "M3", "MetricsT", "2.0", "failed")
     assert server.request("GET", "/nothing")[0] == 404
@@ -165,7 +167,7 @@ def test_a_scrape_counts_every_worker(metered, home_dir, tmp_path):
 
     expected = {
         ("dynupdate_poll_answers_total", "reason", "update"): 1,
-        ("dynupdate_poll_answers_total", "reason", "no-policy"): 41,
+        ("dynupdate_poll_answers_total", "reason", "no-policy"): 42,
         ("dynupdate_poll_answers_total", "reason", "up-to-date"): 1,
         ("dynupdate_poll_answers_total", "reason", "in-call"): 1,
         ("dynupdate_poll_answers_total", "reason", "outside-window"): 0,
@@ -174,7 +176,7 @@ def test_a_scrape_counts_every_worker(metered, home_dir, tmp_path):
         ("dynupdate_reports_total", "state", "downloading"): 0,
         ("dynupdate_tls_handshake_failures_total", "reason", "plain-http"): 1,
         ("dynupdate_tls_handshake_failures_total", "reason", "certificate-refused"): 1,
-        ("dynupdate_http_request_duration_seconds_count", "route", "poll"): 43,
+        ("dynupdate_http_request_duration_seconds_count", "route", "poll"): 44,
         ("dynupdate_http_request_duration_seconds_count", "route", "report"): 2,
         ("dynupdate_http_request_duration_seconds_count", "route", "other"): 1,
     }
@@ -188,13 +190,13 @@ def test_a_scrape_counts_every_worker(metered, home_dir, tmp_path):
             for route, code in (("poll", "200"), ("report", "200"), ("other", "404"))
         }
 
-    wanted = {("poll", "200"): 43, ("report", "200"): 2, ("other", "404"): 1}
+    wanted = {("poll", "200"): 44, ("report", "200"): 2, ("other", "404"): 1}
     after = eventually(port, lambda s: counted(s) == expected and responses(s) == wanted)
     assert counted(after) == expected
     assert responses(after) == wanted
     assert (
         value(after, "dynupdate_http_request_duration_seconds_bucket", route="poll", le="+Inf")
-        == 43
+        == 44
     )
     assert value(after, "dynupdate_open_connections") is not None
     assert value(after, "dynupdate_write_queue_depth") is not None
@@ -211,7 +213,7 @@ def test_a_scrape_counts_every_worker(metered, home_dir, tmp_path):
             if s.name == "dynupdate_poll_answers_total"
         )
     assert len(polled_by) == 2 and all(polled_by.values()), polled_by
-    assert sum(polled_by.values()) == 44
+    assert sum(polled_by.values()) == 45
     # Each process's files have their disk blocks: no hole a write could fault on
     # when the disk is full.
     for path in folder.glob("*.db"):
@@ -223,7 +225,7 @@ def test_a_scrape_counts_every_worker(metered, home_dir, tmp_path):
     deadline = time.monotonic() + 20
     while True:
         rows = json.loads(admin(home_dir, "overview", "--json"))
-        if sum(row["endpoints"] for row in rows) == 44 or time.monotonic() > deadline:
+        if sum(row["endpoints"] for row in rows) == 45 or time.monotonic() > deadline:
             break
         time.sleep(0.05)
 
@@ -238,6 +240,7 @@ def test_a_scrape_counts_every_worker(metered, home_dir, tmp_path):
 
     shown = {(row["type"], s): n for row in rows for s, n in row["counts"].items()}
     assert shown[("Other", "no-policy")] == 40 and shown[("MetricsT", "up-to-date")] >= 1
+    assert shown[('Ev"il\\} 1', "no-policy")] == 1
     fleet = eventually(port, lambda s: by_status(s) == shown)
     assert by_status(fleet) == shown
     assert value(fleet, "dynupdate_device_types") == len(rows)
