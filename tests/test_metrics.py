@@ -476,3 +476,24 @@ def test_the_folder_is_never_a_link(tmp_path):
     ):
         pass
     assert (elsewhere / "keep").exists()
+
+
+def test_a_scrape_that_fails_is_a_500_and_one_log_line(caplog):
+    import asyncio
+
+    from dynupdate.server.messages import Request
+    from dynupdate.server.metered import MetricsPage
+
+    def render() -> bytes:
+        raise RuntimeError("Read beyond file size detected, file is corrupted.")
+
+    page = MetricsPage(render, "text/plain")
+    request = Request("GET", "/metrics", "", {}, b"", ("127.0.0.1", 1), None)
+    answer = asyncio.run(page(request))
+    page.close()
+    assert answer.status == 500
+    [record] = caplog.records
+    assert record.getMessage() == (
+        "Could not render the metrics: Read beyond file size detected, file is corrupted."
+    )
+    assert record.exc_info is None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import os
 import shutil
 import ssl
@@ -26,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from dynupdate.core.errors import InvalidInput, StorageError
+from dynupdate.core.errors import InvalidInput, StorageError, one_line
 from dynupdate.server.connection import Connection
 from dynupdate.server.messages import Request, Response
 from dynupdate.server.reading import Cycle, Reject
@@ -44,6 +45,8 @@ __all__ = [
     "multiprocess_dir",
     "parse_address",
 ]
+
+logger = logging.getLogger("dynupdate.server")
 
 LOOPBACK = "127.0.0.1"
 # prometheus_client's multiprocess mode: where each process keeps its values.
@@ -165,7 +168,11 @@ class MetricsPage:
             return _text(405, "Use GET or HEAD on /metrics.\n", ("Allow", "GET, HEAD"))
         if self._thread is None:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="metrics")
-        body = await asyncio.get_running_loop().run_in_executor(self._thread, self._render)
+        try:
+            body = await asyncio.get_running_loop().run_in_executor(self._thread, self._render)
+        except Exception as exc:  # a damaged counter file, say: one line, not a traceback
+            logger.error("Could not render the metrics: %s", one_line(exc))
+            return _text(500, "The metrics could not be rendered; see the server's log.\n")
         return Response(200, [("Content-Type", self._content_type)], body)
 
     def close(self) -> None:
