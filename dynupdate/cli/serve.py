@@ -71,6 +71,13 @@ def serve(
         "--log-format",
         help="text: one line per event led by its UTC time; json: one JSON object per line.",
     ),
+    metrics: str | None = typer.Option(
+        None,
+        "--metrics",
+        metavar="[HOST:]PORT",
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP; PORT or :PORT: "
+        "on 127.0.0.1).",
+    ),
 ) -> None:
     """Serve endpoints over HTTPS: polls, status reports and package downloads.
 
@@ -79,6 +86,7 @@ def serve(
     Example: dynupdate serve --port 8443 --public-url https://updates.example.com
     """
     from dynupdate.serve import ServeConfig, run_server
+    from dynupdate.server.metered import parse_address
 
     config = ServeConfig(
         host=host,
@@ -98,6 +106,7 @@ def serve(
         request_timeout=parse_seconds(request_timeout, "--request-timeout", least=1, most=3600),
         access_log=access_log,
         log_format=log_format.value,
+        metrics=parse_address(metrics) if metrics is not None else None,
     )
     state = state_of(ctx)
     run_server(state.home_path, config, say=say, quiet=state.quiet)

@@ -25,6 +25,7 @@ from dynupdate.core.errors import DynupdateError, InvalidInput
 from dynupdate.server.connection import Connection
 from dynupdate.server.logs import LogFormat, connection_line
 from dynupdate.server.messages import App, ErrorBody, default_error_body
+from dynupdate.server.metered import Meter, failure_reason, metered_connection
 from dynupdate.server.reading import WAIT
 from dynupdate.server.state import ServerState
 from dynupdate.server.tlsio import TLSTransport, spoke_plain_http, wrap_server_socket
@@ -71,6 +72,8 @@ class Server:
     ``log_format`` "json" makes both one JSON object a line (:mod:`~dynupdate.server.logs`).
     ``ssl_context=None`` serves plain HTTP (for tests and TLS-terminating proxies);
     :meth:`use_tls` swaps the context for new handshakes (a renewed certificate).
+    ``meter`` (``serve --metrics``) is told of every answer, connection and failed
+    handshake; without one, connections do no metering work at all.
     """
 
     def __init__(
@@ -92,9 +95,12 @@ class Server:
         error_body: ErrorBody | None = None,
         backlog: int = 1024,
         log_format: LogFormat | str = LogFormat.TEXT,
+        meter: Meter | None = None,
     ) -> None:
         self.ssl_context = ssl_context
         self.log_format = LogFormat(log_format)
+        self.meter = meter
+        self._connection = Connection if meter is None else metered_connection(meter)
         self.handshake_timeout = handshake_timeout
         self.shutdown_timeout = shutdown_timeout
         self.max_connections = max_connections
@@ -278,7 +284,7 @@ class Server:
                 per_client[key] = already + 1
             state.count += 1
             conn.setblocking(False)
-            protocol = Connection(state, addr[:2])
+            protocol = self._connection(state, addr[:2])
             protocol.client_key = key
             if self.ssl_context is None:
                 task = self.loop.create_task(self._open(conn, protocol))
@@ -291,6 +297,8 @@ class Server:
             except OSError as exc:
                 self._gone(protocol)
                 self.handshake_failures += 1
+                if self.meter is not None:
+                    self.meter.handshake_failed("other")
                 conn.close()
                 self._event(addr[0], f"TLS failed to start: {exc}")
                 continue
@@ -315,6 +323,8 @@ class Server:
         self.handshake_failures += 1
         if self.state.closing:
             return  # aborted by close()
+        if self.meter is not None:
+            self.meter.handshake_failed(failure_reason(exc))
         reason = getattr(exc, "reason", None)
         if spoke_plain_http(exc):
             what = "plain HTTP on the HTTPS port: the client must use https://"
@@ -375,6 +385,8 @@ class Server:
         self.state.count -= 1
         if protocol.client_key is not None:
             self.state.leave(protocol.client_key)
+        if self.meter is not None:
+            self.meter.closed()
 
     def _resume_accept(self, listener: socket.socket) -> None:
         if not self.state.closing:
@@ -431,8 +443,12 @@ def listen_sockets(
     reuse_port: bool = False,
     backlog: int = 1024,
     listen: bool = True,
+    option: str = "--host or --port",
 ) -> list[socket.socket]:
-    """Bound (and listening) sockets for every address of host; port 0 picks one free port."""
+    """Bound (and listening) sockets for every address of host; port 0 picks one free port.
+
+    ``option``: what the refusal tells the admin to change.
+    """
     try:
         infos = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -462,11 +478,11 @@ def listen_sockets(
                 if exc.errno == errno.EADDRINUSE:
                     raise InvalidInput(
                         f"Another process already listens on {addr[0]} port {addr[1]}; "
-                        "stop it or choose another --host or --port."
+                        f"stop it or choose another {option}."
                     ) from None
                 raise InvalidInput(
                     f"Cannot listen on {addr[0]} port {addr[1]}: {exc.strerror}. "
-                    "Choose another --host or --port."
+                    f"Choose another {option}."
                 ) from None
             if listen:
                 s.listen(backlog)

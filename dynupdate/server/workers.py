@@ -47,6 +47,7 @@ def run(
     ready: Callable[[list[tuple[str, int]]], None] | None = None,
     loop: str = "auto",
     reload_tls: TLSReload | None = None,
+    worker_exited: Callable[[int], None] | None = None,
     **server_opts: Any,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then shut down cleanly. Blocks.
@@ -63,6 +64,8 @@ def run(
     connections keep theirs); the supervisor checks the files first and passes
     SIGHUP on to its workers only when they are usable. Without it SIGHUP is
     ignored (rather than ending the server, its default).
+    ``worker_exited(pid)`` is called in the supervisor when a worker has exited
+    (before another is started): what it kept for the others to read is stale.
     """
     factory = loop_factory(loop)
     # A write past a file-size limit (RLIMIT_FSIZE) must fail with EFBIG, as a full
@@ -77,7 +80,8 @@ def run(
             )  # fmt: skip
         return
     _supervise(
-        app_factory, host, port, ssl_context, server_opts, workers, ready, factory, reload_tls
+        app_factory, host, port, ssl_context, server_opts, workers, ready, factory, reload_tls,
+        worker_exited,
     )
 
 
@@ -164,6 +168,7 @@ def _supervise(
     ready: Callable[[list[tuple[str, int]]], None] | None,
     factory: Callable[[], asyncio.AbstractEventLoop] | None,
     reload_tls: TLSReload | None = None,
+    worker_exited: Callable[[int], None] | None = None,
 ) -> None:
     if port:
         # SO_REUSEPORT would let the kernel spread connections over this server and
@@ -263,6 +268,8 @@ def _supervise(
             except ChildProcessError:
                 break
             children.pop(pid, None)
+            if worker_exited is not None:
+                worker_exited(pid)
             if stopping:
                 continue
             now = time.monotonic()
