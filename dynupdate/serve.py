@@ -36,7 +36,7 @@ from dynupdate.core.decision import (
 from dynupdate.core.errors import InvalidInput
 from dynupdate.core.fleet import ActiveRollout, FleetCache, FleetState
 from dynupdate.core.home import Home, home_locked, open_home
-from dynupdate.core.keys import key_for
+from dynupdate.core.keys import remembered_key
 from dynupdate.core.registry import Sighting, StatusReport, UnknownDevice, registered_parents
 from dynupdate.core.store import canonical_sha256
 from dynupdate.core.times import utc_now
@@ -229,8 +229,12 @@ class PollApp:
         package = decision.package
         if package is not None:
             url = self._package_url(request, package.sha256)
-            # One indexed read, for offers only, and only once any key was imported.
-            key = key_for(self.home.db, serial, package.version) if fleet.keys else None
+            # Offers only, once any key was imported: an indexed read, then remembered.
+            key = (
+                remembered_key(fleet.key_memo, self.home.db, serial, package.version)
+                if fleet.keys
+                else None
+            )
             answers.append(
                 protocol.Offer(
                     serial, type_, package.version, package.size, package.sha256,
