@@ -18,8 +18,9 @@ say of attempts) and :func:`evaluate` (timeouts and gates, every few seconds).
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -275,30 +276,40 @@ def plan_rollout(
 # Admin transitions ---------------------------------------------------------------------
 
 
+@contextlib.contextmanager
 def _transition(
     db: sqlite_utils.Database,
     type_: str,
     allowed: tuple[RolloutState, ...],
     command: str,
-) -> Rollout:
-    rollout = require_active(db, type_)
-    if rollout.state not in allowed:
-        states = " or ".join(str(s) for s in allowed)
-        raise Conflict(
-            f"The rollout of {rollout.type} is {rollout.state}: rollout {command} works "
-            f"only when it is {states}."
-        )
-    return rollout
+    now: datetime | None,
+    *,
+    evaluate: bool = True,
+) -> Iterator[tuple[Rollout, datetime]]:
+    """An admin command's transaction: the active rollout of ``type_``, if ``allowed``, and now.
+
+    With ``evaluate``, the gates run first, so the command acts on the rollout
+    as it stands (a wave due to open has opened, a failing one has halted).
+    """
+    now = now or utc_now()
+    with write(db):
+        if evaluate:
+            _evaluate_all(db, now)
+        rollout = require_active(db, type_)
+        if rollout.state not in allowed:
+            states = " or ".join(str(s) for s in allowed)
+            raise Conflict(
+                f"The rollout of {rollout.type} is {rollout.state}: rollout {command} works "
+                f"only when it is {states}."
+            )
+        yield rollout, now
 
 
 def pause_rollout(
     db: sqlite_utils.Database, type_: str, *, actor: str | None = None, now: datetime | None = None
 ) -> Rollout:
     """Stop offering V (a running rollout); attempts in flight go on."""
-    now = now or utc_now()
-    with write(db):
-        _evaluate_all(db, now)
-        rollout = _transition(db, type_, (RolloutState.RUNNING,), "pause")
+    with _transition(db, type_, (RolloutState.RUNNING,), "pause", now) as (rollout, now):
         db.execute(
             "UPDATE rollouts SET state = 'paused', stopped_at = ? WHERE id = ?",
             (format_utc(now), rollout.id),
@@ -311,22 +322,15 @@ def resume_rollout(
     db: sqlite_utils.Database, type_: str, *, actor: str | None = None, now: datetime | None = None
 ) -> Rollout:
     """Run a paused or halted rollout again; after a halt, the halt rules count afresh."""
-    now = now or utc_now()
-    with write(db):
-        _evaluate_all(db, now)
-        rollout = _transition(db, type_, (RolloutState.PAUSED, RolloutState.HALTED), "resume")
+    stopped = (RolloutState.PAUSED, RolloutState.HALTED)
+    with _transition(db, type_, stopped, "resume", now) as (rollout, now):
         db.execute(
             "UPDATE rollouts SET state = 'running', stopped_at = NULL, stopped_seconds = ?,"
             " halt_reason = NULL, resumed_at = ? WHERE id = ?",
             (rollout.stopped_total(now), format_utc(now), rollout.id),
         )
-        audit.append(
-            db,
-            actor,
-            Action.ROLLOUT_RESUME,
-            rollout.type,
-            {"id": rollout.id, "from": str(rollout.state), "halt_reason": rollout.halt_reason},
-        )
+        detail = {"id": rollout.id, "from": str(rollout.state), "halt_reason": rollout.halt_reason}
+        audit.append(db, actor, Action.ROLLOUT_RESUME, rollout.type, detail)
         return load_rollout(db, rollout.id)
 
 
@@ -334,17 +338,9 @@ def advance_rollout(
     db: sqlite_utils.Database, type_: str, *, actor: str | None = None, now: datetime | None = None
 ) -> Rollout:
     """Open the next wave now, gate skipped; on the last wave, complete the rollout."""
-    now = now or utc_now()
-    with write(db):
-        _evaluate_all(db, now)
-        rollout = _transition(db, type_, (RolloutState.RUNNING,), "advance")
-        audit.append(
-            db,
-            actor,
-            Action.ROLLOUT_ADVANCE,
-            rollout.type,
-            {"id": rollout.id, "wave": rollout.wave},
-        )
+    with _transition(db, type_, (RolloutState.RUNNING,), "advance", now) as (rollout, now):
+        detail = {"id": rollout.id, "wave": rollout.wave}
+        audit.append(db, actor, Action.ROLLOUT_ADVANCE, rollout.type, detail)
         _pass_wave(db, rollout, now, actor=actor)
         return load_rollout(db, rollout.id)
 
@@ -353,27 +349,16 @@ def abort_rollout(
     db: sqlite_utils.Database, type_: str, *, actor: str | None = None, now: datetime | None = None
 ) -> Rollout:
     """End the rollout: V is blocked, the policy stays as it stood (its target the stable one)."""
-    now = now or utc_now()
-    with write(db):
-        rollout = _transition(
-            db,
-            type_,
-            (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.HALTED),
-            "abort",
-        )
+    active = (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.HALTED)
+    with _transition(db, type_, active, "abort", now, evaluate=False) as (rollout, now):
         db.execute(
             "UPDATE rollouts SET state = 'aborted', finished_at = ?, stopped_at = NULL"
             " WHERE id = ?",
             (format_utc(now), rollout.id),
         )
         _block(db, rollout.type, rollout.version)
-        audit.append(
-            db,
-            actor,
-            Action.ROLLOUT_ABORT,
-            rollout.type,
-            {"id": rollout.id, "version": rollout.version, "from": str(rollout.state)},
-        )
+        detail = {"id": rollout.id, "version": rollout.version, "from": str(rollout.state)}
+        audit.append(db, actor, Action.ROLLOUT_ABORT, rollout.type, detail)
         return load_rollout(db, rollout.id)
 
 
