@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, cast
 
 import sqlite_utils
@@ -40,7 +39,7 @@ from dynupdate.core.gates import (
     RolloutOptions,
     wave_gate,
 )
-from dynupdate.core.packages import Package, add_package, find_package, list_packages
+from dynupdate.core.packages import Package, find_package, list_packages
 from dynupdate.core.rollout_records import (
     ACTIVE_SQL,
     COLUMNS,
@@ -55,7 +54,6 @@ from dynupdate.core.rollout_records import (
     rollout_from_row,
     wave_evidence,
 )
-from dynupdate.core.store import PackageStore
 from dynupdate.core.times import format_utc, utc_now
 from dynupdate.core.trial import trial_serials
 from dynupdate.core.versions import same_version, version_key
@@ -64,8 +62,8 @@ from dynupdate.core.waves import covers
 
 __all__ = [
     "Plan",
+    "StartOnImport",
     "abort_rollout",
-    "add_and_start",
     "advance_rollout",
     "evaluate",
     "pause_rollout",
@@ -448,27 +446,25 @@ def _evaluate_all(db: sqlite_utils.Database, now: datetime) -> list[str]:
     return events
 
 
-def add_and_start(
-    db: sqlite_utils.Database,
-    store: PackageStore,
-    source: Path,
-    type_: str,
-    version: str,
-    description: str | None = None,
-    *,
-    given: dict[str, Any] | None = None,
-    progress: Callable[[int], None] | None = None,
-    actor: str | None = None,
-) -> tuple[Package, bool, Rollout | None]:
-    """``package add --rollout``: the upload and the start in one transaction.
+@dataclass
+class StartOnImport:
+    """``package add --rollout``: as :func:`add_package`'s ``then``, starts the rollout.
 
-    Options not ``given`` come from the type's latest rollout. The identical
-    file again starts a rollout only when none of its version is active or
-    completed; otherwise it is the usual no-op (no rollout: None).
+    It runs inside the import's transaction, so no device sees V before its
+    rollout exists. Options not ``given`` come from the type's latest rollout.
+    The identical file again starts a rollout only when none of its version is
+    active or completed; otherwise it is the usual no-op (``started`` stays None).
+
+        start = StartOnImport({"soak": "1h"})
+        package, new = add_package(db, store, source, "Trio", "7.2", then=start)
+        start.started  # the Rollout, or None
     """
-    started: list[Rollout] = []
 
-    def start_here(db: sqlite_utils.Database, package: Package, new: bool) -> None:
+    given: dict[str, Any] = field(default_factory=dict)
+    actor: str | None = None
+    started: Rollout | None = None
+
+    def __call__(self, db: sqlite_utils.Database, package: Package, new: bool) -> None:
         if not new:
             earlier = db.execute(
                 "SELECT 1 FROM rollouts WHERE type_key = ? AND version = ? AND state IN"
@@ -477,11 +473,7 @@ def add_and_start(
             ).fetchone()
             if earlier:
                 return
-        options = latest_options(db, package.type).given(**(given or {}))
-        started.append(_start(db, package.type, package.version, options, actor=actor,
-                              now=utc_now()))  # fmt: skip
-
-    package, new = add_package(
-        db, store, source, type_, version, description, progress, actor=actor, then=start_here
-    )
-    return package, new, started[0] if started else None
+        options = latest_options(db, package.type).given(**self.given)
+        self.started = _start(
+            db, package.type, package.version, options, actor=self.actor, now=utc_now()
+        )
