@@ -128,11 +128,7 @@ def add(
 
 
 @app.command("list")
-def list_(
-    ctx: typer.Context,
-    type_: str | None = TYPE_FILTER,
-    as_json: bool = JSON,
-) -> None:
+def list_(ctx: typer.Context, type_: str | None = TYPE_FILTER, as_json: bool = JSON) -> None:
     """The packages view: type, version, name, size, SHA-256, upload time, description."""
     rows = [p.to_dict() for p in list_packages(home_of(ctx).db, type_)]
     emit_list(rows, COLUMNS, as_json=as_json, empty="No packages. Add one: dynupdate package add")
