@@ -28,7 +28,7 @@ from dynupdate.core.packages import (
     remove_package,
 )
 from dynupdate.core.rollout_records import Rollout
-from dynupdate.core.rollouts import add_and_start
+from dynupdate.core.rollouts import StartOnImport
 
 app = typer.Typer(help="Software packages: one image per device type and version.")
 
@@ -88,15 +88,11 @@ def add(
         RolloutOptions().given(**given)
 
     def run(progress: Callable[[int], None] | None) -> tuple[Package, bool, Rollout | None]:
-        if rollout:
-            return add_and_start(
-                home.db, home.store, file, type_, version, description, given=given,
-                progress=progress,
-            )  # fmt: skip
+        start = StartOnImport(given) if rollout else None
         package, created = add_package(
-            home.db, home.store, file, type_, version, description, progress=progress
+            home.db, home.store, file, type_, version, description, progress=progress, then=start
         )
-        return package, created, None
+        return package, created, start.started if start else None
 
     if sys.stderr.isatty():
         total = file.stat().st_size if file.is_file() else None
@@ -132,11 +128,7 @@ def add(
 
 
 @app.command("list")
-def list_(
-    ctx: typer.Context,
-    type_: str | None = TYPE_FILTER,
-    as_json: bool = JSON,
-) -> None:
+def list_(ctx: typer.Context, type_: str | None = TYPE_FILTER, as_json: bool = JSON) -> None:
     """The packages view: type, version, name, size, SHA-256, upload time, description."""
     rows = [p.to_dict() for p in list_packages(home_of(ctx).db, type_)]
     emit_list(rows, COLUMNS, as_json=as_json, empty="No packages. Add one: dynupdate package add")

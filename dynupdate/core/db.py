@@ -41,6 +41,20 @@ AUTOCHECKPOINT_ENV = "DYNUPDATE_WAL_AUTOCHECKPOINT"
 migrations = Migrations("dynupdate")
 
 
+def _count_changes(db: sqlite_utils.Database, *tables: str) -> None:
+    """Triggers moving config_generation on every insert, update and delete in ``tables``.
+
+    Shipped migrations call this: what it writes must never change
+    (tests/test_schema.py pins the schema each migration leaves).
+    """
+    for table in tables:
+        for event in ("INSERT", "UPDATE", "DELETE"):
+            db.execute(
+                f"CREATE TRIGGER {table}_{event.lower()}_generation AFTER {event} ON {table} "
+                "BEGIN UPDATE config_generation SET generation = generation + 1; END"
+            )
+
+
 @migrations(name="0001_packages_policies_window")
 def _m0001(db: sqlite_utils.Database) -> None:
     db.executescript(
@@ -82,12 +96,7 @@ def _m0001(db: sqlite_utils.Database) -> None:
         INSERT INTO config_generation (id, generation) VALUES (1, 0);
         """
     )
-    for table in ("packages", "policies", "maintenance_window"):
-        for event in ("INSERT", "UPDATE", "DELETE"):
-            db.execute(
-                f"CREATE TRIGGER {table}_{event.lower()}_generation AFTER {event} ON {table} "
-                "BEGIN UPDATE config_generation SET generation = generation + 1; END"
-            )
+    _count_changes(db, "packages", "policies", "maintenance_window")
 
 
 @migrations(name="0002_endpoints_history")
@@ -249,12 +258,7 @@ def _m0005(db: sqlite_utils.Database) -> None:
     # devices: the server's cached fleet state must notice, as for policies.
     # Polls look an activation key up only when the fleet state says some exist:
     # importing or removing keys moves the generation too.
-    for table in ("rollouts", "trial_devices", "activation_keys"):
-        for event in ("INSERT", "UPDATE", "DELETE"):
-            db.execute(
-                f"CREATE TRIGGER {table}_{event.lower()}_generation AFTER {event} ON {table} "
-                "BEGIN UPDATE config_generation SET generation = generation + 1; END"
-            )
+    _count_changes(db, "rollouts", "trial_devices", "activation_keys")
 
 
 def wal_autocheckpoint(environ: Mapping[str, str] = os.environ) -> int | None:

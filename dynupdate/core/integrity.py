@@ -73,7 +73,7 @@ def check_home(home: Home, *, repair: bool = False, hash_files: bool = True) -> 
         report.findings.append(Finding("schema", str(home.path / DB_NAME), problem, False))
     chain = audit.verify(home.db)
     if not chain.intact:
-        detail = f"entry {chain.first_bad}: {chain.problem}; see: dynupdate log --verify"
+        detail = f"entry {chain.first_bad_id}: {chain.problem}; see: dynupdate log --verify"
         report.findings.append(Finding("audit-log", str(home.path / DB_NAME), detail, False))
     rows = home.db.execute("SELECT type, version, sha256, size FROM packages").fetchall()
     referenced = {sha for _, _, sha, _ in rows}

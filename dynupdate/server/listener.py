@@ -123,7 +123,7 @@ class Server:
             error_body=error_body or default_error_body,
             json_log=self.log_format is LogFormat.JSON,
         )
-        # Counters, for tests and for operators (more in state).
+        # Counters, for tests and for operators; those the connections count are in state.
         self.refused = 0  # connections closed at once: max_connections or max_per_client reached
         self.handshake_failures = 0
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -143,24 +143,6 @@ class Server:
     def connections(self) -> int:
         """Open connections, those still in their TLS handshake included."""
         return self.state.count
-
-    @property
-    def closing(self) -> bool:
-        return self.state.closing
-
-    @property
-    def requests(self) -> int:
-        return self.state.requests
-
-    @property
-    def rejected(self) -> int:
-        """Requests refused by a limit (4xx from the transport)."""
-        return self.state.rejected
-
-    @property
-    def timeouts(self) -> int:
-        """Requests not received, or answers not read, in time."""
-        return self.state.timeouts
 
     def use_tls(self, context: ssl.SSLContext) -> None:
         """New handshakes use ``context``; connections already open keep the one they began with."""

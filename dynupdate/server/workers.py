@@ -21,6 +21,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dynupdate.core.errors import DynupdateError, InvalidInput
@@ -35,6 +36,18 @@ logger = logging.getLogger("dynupdate.server")
 # (the callable has logged why; the old context stays). Its argument says whether to
 # log a success: the supervisor does, once, not each of its workers.
 TLSReload = Callable[[bool], "ssl.SSLContext | None"]
+
+
+@dataclass
+class _Serving:
+    """What every server of a run serves, and where: the single one, or each worker's."""
+
+    app_factory: Callable[[], Any]
+    host: str | None
+    port: int
+    ssl_context: ssl.SSLContext | None  # replaced on SIGHUP by a usable renewed one
+    server_opts: dict[str, Any]
+    reload_tls: TLSReload | None
 
 
 def run(
@@ -72,17 +85,12 @@ def run(
     # disk does, not kill the server: Python ignores SIGXFSZ only when it owns the
     # signal handlers (not when embedded). Inherited by the forked workers.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    serving = _Serving(app_factory, host, port, ssl_context, server_opts, reload_tls)
     if workers <= 1:
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(
-                _serve(app_factory, host, port, ssl_context, server_opts, False, ready,
-                       reload_tls=reload_tls)
-            )  # fmt: skip
+            runner.run(_serve(serving, reuse_port=False, ready=ready))
         return
-    _supervise(
-        app_factory, host, port, ssl_context, server_opts, workers, ready, factory, reload_tls,
-        worker_exited,
-    )
+    _supervise(serving, workers, ready, factory, worker_exited)
 
 
 def loop_factory(name: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -101,15 +109,11 @@ def loop_factory(name: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] 
 
 
 async def _serve(
-    app_factory: Callable[[], Any],
-    host: str | None,
-    port: int,
-    ssl_context: ssl.SSLContext | None,
-    server_opts: dict[str, Any],
+    serving: _Serving,
+    *,
     reuse_port: bool,
     ready: Callable[[list[tuple[str, int]]], None] | None,
     parent: int | None = None,
-    reload_tls: TLSReload | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM or, for a worker, until ``parent`` (a pipe) reads EOF."""
     loop = asyncio.get_running_loop()
@@ -117,14 +121,13 @@ async def _serve(
     server: Server | None = None
 
     def reload() -> None:
-        nonlocal ssl_context
-        if reload_tls is None or ssl_context is None:
+        if serving.reload_tls is None or serving.ssl_context is None:
             return
         # A worker's supervisor has announced the new certificate already.
-        context = reload_tls(parent is None)
+        context = serving.reload_tls(parent is None)
         if context is None:
             return
-        ssl_context = context  # a server still starting is made with it
+        serving.ssl_context = context  # a server still starting is made with it
         if server is not None:
             server.use_tls(context)
 
@@ -136,11 +139,11 @@ async def _serve(
         loop.add_reader(parent, stop.set)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # a forked worker starts blocked
     try:
-        app = app_factory()
+        app = serving.app_factory()
         if inspect.isawaitable(app):
             app = await app
-        server = Server(app, ssl_context=ssl_context, **server_opts)
-        addresses = await server.start(host, port, reuse_port=reuse_port)
+        server = Server(app, ssl_context=serving.ssl_context, **serving.server_opts)
+        addresses = await server.start(serving.host, serving.port, reuse_port=reuse_port)
         # What start-up made lives as long as the server: out of the collector's
         # sight, a full collection walks only what requests leave behind.
         gc.freeze()
@@ -159,17 +162,13 @@ async def _serve(
 
 
 def _supervise(
-    app_factory: Callable[[], Any],
-    host: str | None,
-    port: int,
-    ssl_context: ssl.SSLContext | None,
-    server_opts: dict[str, Any],
+    serving: _Serving,
     workers: int,
     ready: Callable[[list[tuple[str, int]]], None] | None,
     factory: Callable[[], asyncio.AbstractEventLoop] | None,
-    reload_tls: TLSReload | None = None,
-    worker_exited: Callable[[int], None] | None = None,
+    worker_exited: Callable[[int], None] | None,
 ) -> None:
+    host, port = serving.host, serving.port
     if port:
         # SO_REUSEPORT would let the kernel spread connections over this server and
         # any other one listening there (another home, another certificate). A probe
@@ -182,6 +181,7 @@ def _supervise(
     reserved = listen_sockets(host, port, reuse_port=True, listen=False)
     addresses = [s.getsockname()[:2] for s in reserved]
     port = addresses[0][1]
+    serving = replace(serving, port=port)  # port 0 resolved: every worker on the same one
     signals = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
     ready_r, ready_w = os.pipe()
     # Only the supervisor keeps the write end: when it dies, even by SIGKILL, the
@@ -205,9 +205,8 @@ def _supervise(
                     s.close()
                 for signum in signals:
                     signal.signal(signum, signal.SIG_DFL)
-                args = (app_factory, host, port, ssl_context, server_opts, True, started, alive_r)
                 with asyncio.Runner(loop_factory=factory) as runner:
-                    runner.run(_serve(*args, reload_tls=reload_tls))
+                    runner.run(_serve(serving, reuse_port=True, ready=started, parent=alive_r))
                 code = 0
             except BaseException:
                 traceback.print_exc()
@@ -224,12 +223,11 @@ def _supervise(
                 os.kill(pid, signal.SIGTERM)
 
     def reload(_signum: int = signal.SIGHUP, _frame: Any = None) -> None:
-        nonlocal ssl_context
-        if reload_tls is None or ssl_context is None or stopping:
+        if serving.reload_tls is None or serving.ssl_context is None or stopping:
             return
         # Checked here once: unusable files are one line in the log, not one per worker.
         try:
-            context = reload_tls(True)
+            context = serving.reload_tls(True)
         except RuntimeError:
             # Its line written while this process was writing one (a reentrant write to
             # stderr): raised from a signal handler, it would stop the supervisor. The
@@ -237,7 +235,7 @@ def _supervise(
             return
         if context is None:
             return
-        ssl_context = context  # what a worker started from now on begins with
+        serving.ssl_context = context  # what a worker started from now on begins with
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
