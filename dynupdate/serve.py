@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import socket
 import sys
 import time
@@ -38,17 +37,16 @@ from dynupdate.core.fleet import ActiveRollout, FleetCache, FleetState
 from dynupdate.core.home import Home, home_locked, open_home
 from dynupdate.core.keys import remembered_key
 from dynupdate.core.registry import Sighting, StatusReport, UnknownDevice, registered_parents
-from dynupdate.core.store import canonical_sha256
 from dynupdate.core.times import utc_now
 from dynupdate.core.versions import at_least
 from dynupdate.core.vocabulary import Reason
 from dynupdate.core.waves import bucket
+from dynupdate.downloads import Downloads
 from dynupdate.metrics import exporting
 from dynupdate.recording import EndpointWriter
 from dynupdate.server import listener, logs, tls, workers
-from dynupdate.server.files import file_response
 from dynupdate.server.identity import Forbidden, certificate_names, check_poll, check_report
-from dynupdate.server.messages import Request, Response
+from dynupdate.server.messages import Request, Response, error_response
 
 if TYPE_CHECKING:
     from dynupdate.metrics.exporter import Exporter
@@ -58,10 +56,6 @@ __all__ = ["PollApp", "ServeConfig", "ServeOptions", "run_server"]
 log = logging.getLogger("dynupdate.serve")
 
 XML = ("Content-Type", "application/xml")
-# A Host header is echoed into package URLs only when it is a plain host[:port].
-_HOST = re.compile(
-    r"(?:[A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}(?::\d{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](?::\d{1,5})?"
-)
 _ROUTES = {"/poll": ("POST",), "/report": ("POST",)}
 # The standing of a device in a call or already on the rollout's version: decide_rollout
 # answers those before it looks at a standing.
@@ -81,7 +75,7 @@ class ServeOptions:
 
 
 def _error(status: int, code: str, message: str, *extra: tuple[str, str]) -> Response:
-    return Response(status, [XML, *extra], protocol.error_document(code, message), log=code)
+    return error_response(status, message, code, *extra, log=code)
 
 
 # Seconds a full --max-in-flight/--max-per-hour is believed without asking the
@@ -103,7 +97,7 @@ class PollApp:
             home.path / "dynupdate.db", self.options.flush_interval,
             sampled=meter.sampled if meter is not None else None,
         )  # fmt: skip
-        self._bases: dict[str, str] = {}  # package URL base per Host header
+        self.downloads = Downloads(home.store, self.options, self._known)
         self._bind_serial = self.options.bind_serial
         # Per rollout id: (time.monotonic() until which, retryAt) after a reservation
         # found --max-in-flight or --max-per-hour full.
@@ -130,9 +124,15 @@ class PollApp:
         """The cached state, reloaded when a CLI (or anyone) changed it."""
         return self._fleet.get()
 
+    def _known(self, sha256: str) -> bool:
+        """Whether a package of the configuration has this hash (others are never served)."""
+        return any(
+            p.sha256 == sha256 for kind in self.fleet().types.values() for p in kind.packages
+        )
+
     async def handle(self, request: Request) -> Response:
         if request.path.startswith("/packages/"):
-            return self._package(request)
+            return self.downloads.answer(request)
         allowed = _ROUTES.get(request.path)
         if allowed is None:
             return _error(404, "not-found", f"No such path {request.path[:64]!r}.")
@@ -152,27 +152,6 @@ class PollApp:
             return await self._report(request)
         except protocol.ProtocolError as e:
             return _error(400, e.code, e.message)
-
-    def _package_base(self, request: Request) -> str:
-        if self.options.public_url:
-            return self.options.public_url.rstrip("/") + "/packages/"
-        host = request.headers.get("host", "")
-        if _HOST.fullmatch(host):
-            return f"https://{host}/packages/"
-        return self.options.fallback_base.rstrip("/") + "/packages/"
-
-    def _package_url(self, request: Request, sha256: str) -> str:
-        if self.options.package_url:
-            return f"{self.options.package_url.rstrip('/')}/{sha256[:2]}/{sha256}"
-        if self.options.public_url:
-            return self._package_base(request) + sha256
-        host = request.headers.get("host", "")
-        base = self._bases.get(host)
-        if base is None:
-            if len(self._bases) >= 256:  # Host is the client's to choose: stay small
-                self._bases.clear()
-            base = self._bases[host] = self._package_base(request)
-        return base + sha256
 
     def _poll(self, request: Request) -> Response | Coroutine[Any, Any, Response]:
         """The answer; or, when an offer opens a rollout attempt, a coroutine reserving first."""
@@ -228,7 +207,7 @@ class PollApp:
         serial, type_, version = device.serial, device.type, device.version
         package = decision.package
         if package is not None:
-            url = self._package_url(request, package.sha256)
+            url = self.downloads.url(request, package.sha256)
             # Offers only, once any key was imported: an indexed read, then remembered.
             key = (
                 remembered_key(fleet.key_memo, self.home.db, serial, package.version)
@@ -415,24 +394,6 @@ class PollApp:
             # worker or another): a device reports right after polling. Look once more.
             await asyncio.sleep(2 * self.options.flush_interval + 0.1)
         return denied
-
-    def _package(self, request: Request) -> Response:
-        if request.method not in ("GET", "HEAD"):
-            return _error(
-                405, "method-not-allowed", "Use GET or HEAD on packages.", ("Allow", "GET, HEAD")
-            )
-        sha256 = canonical_sha256(request.path[len("/packages/") :])  # ETag and file: lowercase
-        if sha256 is None or not self._known(sha256):
-            return _error(404, "not-found", "No such package.")
-        path = self.home.store.path_for(sha256)
-        if not path.is_file():
-            return _error(404, "not-found", "No such package.")
-        return file_response(request, path, sha256)
-
-    def _known(self, sha256: str) -> bool:
-        return any(
-            p.sha256 == sha256 for kind in self.fleet().types.values() for p in kind.packages
-        )
 
 
 def _rollout_id(fleet: FleetState, type_: str) -> int | None:
