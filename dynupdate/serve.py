@@ -42,7 +42,7 @@ from dynupdate.core.registry import Sighting, StatusReport, UnknownDevice, regis
 from dynupdate.core.store import is_sha256
 from dynupdate.core.times import utc_now
 from dynupdate.core.versions import version_key
-from dynupdate.core.vocabulary import Reason
+from dynupdate.core.vocabulary import UPDATE_OFFERED, Reason
 from dynupdate.core.waves import bucket
 from dynupdate.recording import EndpointWriter
 from dynupdate.server import listener, tls, workers
@@ -223,30 +223,31 @@ class PollApp:
                 )
             )  # fmt: skip
             offered = package.version
+            told: str = UPDATE_OFFERED
         else:
             # A decision without a package always carries its reason.
-            reason = cast(Reason, decision.reason)
+            told = reason = cast(Reason, decision.reason)
             answers.append(protocol.NoOffer(serial, type_, reason, decision.retry_at))
             offered = None
         # Sighting(serial, type, version, model, mac, tz, in_call, address, parent, offered,
-        # rollout)
+        # rollout, reason, retry_at)
         tz, in_call = endpoint.tz, endpoint.in_call
         if device is endpoint:
             sighting = Sighting(
                 serial, type_, version, endpoint.model, endpoint.mac, tz, in_call, address,
-                None, offered, rollout_id,
+                None, offered, rollout_id, told, decision.retry_at,
             )  # fmt: skip
         else:
             sighting = Sighting(
                 serial, type_, version, None, None, tz, in_call, address, endpoint.serial,
-                offered, rollout_id,
+                offered, rollout_id, told, decision.retry_at,
             )  # fmt: skip
         sightings.append((sighting, now))
 
     def _poll_answer(self, lead: str, answers: list, sightings: list, now: datetime) -> Response:
         self.writer.polls(sightings)
         body = protocol.poll_response(answers, self.options.poll_interval, now)
-        outcome = "update" if isinstance(answers[0], protocol.Offer) else answers[0].reason
+        outcome = UPDATE_OFFERED if isinstance(answers[0], protocol.Offer) else answers[0].reason
         return Response(200, [XML], body, log=f"{lead} poll {outcome}")
 
     def _decide_in_rollout(

@@ -67,6 +67,10 @@ class Sighting:
     # The active rollout of its type: what the poll says of the device's attempt
     # is noted in the transaction that records the poll.
     rollout: int | None = None
+    # What the poll was told: the reason of its answer (UPDATE_OFFERED when it was
+    # offered one) and the retryAt it was given.
+    reason: str | None = None
+    retry_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -105,8 +109,17 @@ def _prune(db: sqlite_utils.Database, serials: Iterable[str]) -> None:
 
 _REFRESH = (
     "UPDATE endpoints SET type = ?, model = ?, mac = ?, tz = ?, in_call = ?, address = ?,"
-    " last_poll = ? WHERE serial = ? AND version = ? AND type_key = ? AND parent_serial IS ?"
-    " AND (? IS NULL OR offered_version = ?)"
+    " last_poll = ?, retry_at = ? WHERE serial = ? AND version = ? AND type_key = ?"
+    " AND parent_serial IS ? AND (? IS NULL OR offered_version = ?) AND last_reason IS ?"
+)
+# A poll whose answer has another reason than the last one, and nothing else new:
+# last_reason is in the endpoints_window index's condition, so setting it costs an
+# index write while the answer is outside-window, which _REFRESH spares the
+# usual poll by leaving it alone when it is unchanged.
+_REFRESH_REASON = (  # numbered: the same parameters as _REFRESH
+    "UPDATE endpoints SET type = ?1, model = ?2, mac = ?3, tz = ?4, in_call = ?5, address = ?6,"
+    " last_poll = ?7, retry_at = ?8, last_reason = ?15 WHERE serial = ?9 AND version = ?10"
+    " AND type_key = ?11 AND parent_serial IS ?12 AND (?13 IS NULL OR offered_version = ?14)"
 )
 
 
@@ -137,6 +150,7 @@ def record_polls(
             when = when.replace(microsecond=0)
         if when != second:
             second, at = when, format_utc(when)
+        retry = None if s.retry_at is None else format_utc(s.retry_at)
         refresh = (
             s.type,
             s.model,
@@ -145,18 +159,21 @@ def record_polls(
             int(s.in_call),
             s.address,
             at,
+            retry,
             s.serial,
             s.version,
             type_key(s.type),
             s.parent_serial,
             s.offered_version,
             s.offered_version,
+            s.reason,
         )
         polls.append((s, at, refresh))
     with write(db):
         # The usual poll changes nothing worth a history event: same version,
-        # same offer (or none), same type and parent. One UPDATE that leaves the
-        # indexed columns alone covers it, run for a whole chunk at once. When
+        # same offer (or none), same type and parent, an answer of the same
+        # reason. One UPDATE that leaves the indexed columns (and last_reason)
+        # alone covers it, run for a whole chunk at once. When
         # some poll of a chunk needs more, the chunk is replayed one poll at a
         # time, in order, through the full path that decides the events: a
         # refresh only rewrites what the next write of that device rewrites too.
@@ -165,8 +182,11 @@ def record_polls(
             if conn.executemany(_REFRESH, [p[2] for p in chunk]).rowcount == len(chunk):
                 continue
             for s, at, refresh in chunk:
-                if not conn.execute(_REFRESH, refresh).rowcount:
-                    _record_poll(db, s, at, touched)
+                if conn.execute(_REFRESH, refresh).rowcount:
+                    continue
+                if conn.execute(_REFRESH_REASON, refresh).rowcount:
+                    continue
+                _record_poll(db, s, at, touched)
         _prune(db, touched)
         if noted:
             _note_rollouts(
@@ -208,7 +228,8 @@ def _record_poll(db: sqlite_utils.Database, s: Sighting, at: str, touched: set[s
         db.execute(
             "INSERT INTO endpoints (serial, type, type_key, version, model, mac, tz,"
             " in_call, address, parent_serial, first_seen, last_poll, offered_version,"
-            " offered_at, bucket) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " offered_at, bucket, last_reason, retry_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 s.serial,
                 s.type,
@@ -225,6 +246,8 @@ def _record_poll(db: sqlite_utils.Database, s: Sighting, at: str, touched: set[s
                 s.offered_version,
                 at if s.offered_version else None,
                 bucket(s.parent_serial or s.serial),
+                s.reason,
+                format_utc(s.retry_at),
             ),
         )
         _history(db, s.serial, at, "first-seen", s.version)
@@ -238,7 +261,8 @@ def _record_poll(db: sqlite_utils.Database, s: Sighting, at: str, touched: set[s
         "UPDATE endpoints SET type = ?, type_key = ?, version = ?, model = ?, mac = ?,"
         " tz = ?, in_call = ?, address = ?, parent_serial = ?, last_poll = ?,"
         " offered_version = coalesce(?, offered_version),"
-        " offered_at = CASE WHEN ? THEN ? ELSE offered_at END, bucket = ? WHERE serial = ?",
+        " offered_at = CASE WHEN ? THEN ? ELSE offered_at END, bucket = ?, last_reason = ?,"
+        " retry_at = ? WHERE serial = ?",
         (
             s.type,
             type_key(s.type),
@@ -254,6 +278,8 @@ def _record_poll(db: sqlite_utils.Database, s: Sighting, at: str, touched: set[s
             offer_changed,
             at,
             bucket(s.parent_serial or s.serial),  # a peripheral leads with its endpoint
+            s.reason,
+            format_utc(s.retry_at),
             s.serial,
         ),
     )
