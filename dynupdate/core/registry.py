@@ -381,15 +381,19 @@ def forget_endpoints(
     serials: Sequence[str] = (),
     *,
     stale: timedelta | None = None,
+    prefix: str | None = None,
     now: datetime | None = None,
     actor: str | None = None,
 ) -> Forgotten:
-    """Remove the named devices, or those silent for ``stale``, with their peripherals and history.
+    """Remove the named devices, or those chosen by ``stale`` and ``prefix``, with their
+    peripherals and history.
 
     One transaction: a serial that is not registered refuses the whole call
     and nothing is removed. A device is stale when neither a poll nor a
-    report came from it for ``stale`` (before ``now``). What is removed is one
-    ``endpoint.forget`` entry of the audit log (``actor``: see :func:`audit.append`).
+    report came from it for ``stale`` (before ``now``); ``prefix`` chooses the
+    serials that start with it (case counts; a rehearsal's, ``SIM``); given
+    both, a device must be both. What is removed is one ``endpoint.forget``
+    entry of the audit log (``actor``: see :func:`audit.append`).
 
     >>> from dynupdate.core.db import connect, migrations
     >>> db = connect(":memory:"); migrations.apply(db)
@@ -398,16 +402,29 @@ def forget_endpoints(
     >>> forget_endpoints(db, ["EP"])
     Forgotten(endpoints=('EP',), peripherals=('CAM',))
     """
-    if bool(serials) == (stale is not None):
-        raise InvalidInput("Name the devices to forget, or a stale duration, not both.")
+    chosen_by_rule = stale is not None or prefix is not None
+    if bool(serials) == chosen_by_rule:
+        raise InvalidInput(
+            "Name the devices to forget, or a stale duration and/or a prefix, not both."
+        )
+    if prefix == "":
+        raise InvalidInput("Give a non-empty --prefix: an empty one would forget every device.")
     with write(db):
-        if stale is not None:
-            cutoff = format_utc((now or utc_now()) - stale)
+        if chosen_by_rule:
+            where: list[str] = []
+            params: list[str | int] = []
+            if stale is not None:
+                cutoff = format_utc((now or utc_now()) - stale)
+                where.append("coalesce(last_poll, '') < ? AND coalesce(last_report, '') < ?")
+                params.extend((cutoff, cutoff))
+            if prefix is not None:
+                # substr, not LIKE or GLOB: no character of the prefix is a wildcard.
+                where.append("substr(serial, 1, ?) = ?")
+                params.extend((len(prefix), prefix))
             chosen = dict(
                 db.execute(
-                    "SELECT serial, parent_serial FROM endpoints"
-                    " WHERE coalesce(last_poll, '') < ? AND coalesce(last_report, '') < ?",
-                    (cutoff, cutoff),
+                    "SELECT serial, parent_serial FROM endpoints WHERE " + " AND ".join(where),
+                    params,
                 ).fetchall()
             )
         else:
@@ -439,6 +456,7 @@ def forget_endpoints(
                 "endpoints": list(forgotten.endpoints),
                 "peripherals": list(forgotten.peripherals),
                 "stale": format_duration(stale) if stale is not None else None,
+                "prefix": prefix,
             }
             audit.append(db, actor, audit.Action.ENDPOINT_FORGET, None, detail)
     return forgotten
