@@ -480,6 +480,8 @@ def run_server(
     _check(config)
     home = open_home(home_path)
     home_path = home.path
+    if home.created:
+        say(f"Created a new home at {home_path}")
     # Each worker opens its own connection: none may inherit this one across fork.
     home.close()
     # Held while the server runs; the workers it forks share it (see lock_home).
