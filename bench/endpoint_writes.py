@@ -41,12 +41,15 @@ def fill(home: Path, count: int, reason: str | None = None) -> None:
     open_home(home).close()
     db = sqlite3.connect(home / "dynupdate.db")
     at = "2026-12-01T00:00:00Z"
+    # As the poll before left it: a retryAt of the same length as the next one's.
+    retry = "2026-12-02T21:00:00Z" if reason == "outside-window" else None
     rows = (
-        (f"SN{i:07d}", "GroupSeries", "groupseries", "6.1.0", at, at, reason) for i in range(count)
+        (f"SN{i:07d}", "GroupSeries", "groupseries", "6.1.0", at, at, reason, retry)
+        for i in range(count)
     )
     db.executemany(
         "INSERT INTO endpoints (serial, type, type_key, version, first_seen, last_poll, in_call,"
-        " last_reason) VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+        " last_reason, retry_at) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
         rows,
     )
     db.commit()
@@ -61,15 +64,19 @@ def measure(home: Path, count: int, batches: int, reason: str | None = None) -> 
     db = connect(home / "dynupdate.db")
     try:
         work = []
+        started_at = datetime.now(UTC).replace(microsecond=0)
         for k in range(batches + 1):
-            now = datetime.now(UTC)
+            # A second apart, as a device's polls are: a row written again with the
+            # same content leaves its page clean, which real polls never do.
+            now = started_at + timedelta(seconds=k)
             work.append(
                 [
                     (
                         Sighting(
                             pool[(k * BATCH + j) % POOL], "GroupSeries", "6.1.0", "Group 500",
                             "00:11:22:33:44:55", None, False, "127.0.0.1", reason=reason,
-                            retry_at=retry and retry + timedelta(seconds=j),
+                            # the same for a device from poll to poll, as the server's
+                            retry_at=retry and retry + timedelta(seconds=(k * BATCH + j) % POOL),
                         ),
                         now,
                     )
