@@ -28,7 +28,6 @@ from dynupdate.core.decision import (
     RATE_LIMIT_RETRY,
     Decision,
     DeviceState,
-    RolloutView,
     Standing,
     admitted,
     decide_for_target,
@@ -41,7 +40,7 @@ from dynupdate.core.keys import key_for
 from dynupdate.core.registry import Sighting, StatusReport, UnknownDevice, registered_parents
 from dynupdate.core.store import is_sha256
 from dynupdate.core.times import utc_now
-from dynupdate.core.versions import version_key
+from dynupdate.core.versions import at_least
 from dynupdate.core.vocabulary import UPDATE_OFFERED, Reason
 from dynupdate.core.waves import bucket
 from dynupdate.recording import EndpointWriter
@@ -60,6 +59,9 @@ _HOST = re.compile(
     r"(?:[A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}(?::\d{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](?::\d{1,5})?"
 )
 _ROUTES = {"/poll": ("POST",), "/report": ("POST",)}
+# The standing of a device in a call or already on the rollout's version: decide_rollout
+# answers those before it looks at a standing.
+_UNREAD = Standing(bucket=0)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class ServeOptions:
 
 def _error(status: int, code: str, message: str, *extra: tuple[str, str]) -> Response:
     return Response(status, [XML, *extra], protocol.error_document(code, message), log=code)
+
 
 # Seconds a full --max-in-flight/--max-per-hour is believed without asking the
 # writer again: short, since a verified success frees a slot at any time.
@@ -199,15 +202,15 @@ class PollApp:
                     answers.append(None)
                     sightings.append(None)
                     continue
-            self._answer(request, device, endpoint, decision, rollout_id, address, now,
+            self._answer(request, fleet, device, endpoint, decision, rollout_id, address, now,
                          answers, sightings)  # fmt: skip
         if reserving is not None:
             return self._reserve_then_answer(request, poll, reserving, answers, sightings, now)
         return self._poll_answer(endpoint.serial, answers, sightings, now)
 
     def _answer(
-        self, request, device, endpoint, decision: Decision, rollout_id, address, now,
-        answers: list, sightings: list,
+        self, request, fleet: FleetState, device, endpoint, decision: Decision, rollout_id,
+        address, now, answers: list, sightings: list,
     ) -> None:  # fmt: skip
         """Append the answer for one device and what its poll records."""
         serial, type_, version = device.serial, device.type, device.version
@@ -215,7 +218,7 @@ class PollApp:
         if package is not None:
             url = self._package_url(request, package.sha256)
             # One indexed read, for offers only, and only once any key was imported.
-            key = key_for(self.home.db, serial, package.version) if self.fleet().keys else None
+            key = key_for(self.home.db, serial, package.version) if fleet.keys else None
             answers.append(
                 protocol.Offer(
                     serial, type_, package.version, package.size, package.sha256,
@@ -256,9 +259,12 @@ class PollApp:
     ) -> Decision:  # fmt: skip
         """Section 6's decision; the device's attempts are read only when V may be offered."""
         view = rollout.view
+        if state.in_call or at_least(state.version, view.version):
+            # Answered before any standing is looked at: no bucket to hash, nothing to read.
+            return decide_rollout(view, _UNREAD, fleet.window, state, now)
         trial = fleet.trial
         standing = Standing(bucket(lead), bool(trial) and (state.serial in trial or lead in trial))
-        if not state.in_call and admitted(view, standing) and not _on_or_past(state.version, view):
+        if admitted(view, standing):
             _attempted, held, attempt_open = device_standing(
                 self.home.db, rollout.id, state.serial, rollout.max_attempts
             )
@@ -313,8 +319,8 @@ class PollApp:
                 )
             one_answer: list = []
             one_sighting: list = []
-            self._answer(request, device, endpoint, answer_decision, rollout_id, address, now,
-                         one_answer, one_sighting)  # fmt: skip
+            self._answer(request, self.fleet(), device, endpoint, answer_decision, rollout_id,
+                         address, now, one_answer, one_sighting)  # fmt: skip
             answers[at] = one_answer[0]
             sightings[seen_at] = one_sighting[0]
         return self._poll_answer(endpoint.serial, answers, sightings, now)
@@ -408,11 +414,6 @@ class PollApp:
         return any(
             p.sha256 == sha256 for kind in self.fleet().types.values() for p in kind.packages
         )
-
-
-def _on_or_past(version: str, view: RolloutView) -> bool:
-    """Whether a device on ``version`` runs the rollout's version or newer (up-to-date)."""
-    return version == view.version or version_key(version) >= version_key(view.version)
 
 
 def _rollout_id(fleet: FleetState, type_: str) -> int | None:
