@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 import sqlite_utils
 
@@ -50,9 +51,12 @@ class UnknownDevice(NotFound):
         super().__init__(f"No device {shown}{more} has polled yet: poll, then report again.")
 
 
-@dataclass(frozen=True, slots=True)
-class Sighting:
-    """What one poll said about one device (an endpoint or a peripheral)."""
+class Sighting(NamedTuple):
+    """What one poll said about one device (an endpoint or a peripheral).
+
+    A named tuple, as the decision's records: one is made for every device of
+    every poll, in a fifth of the time a frozen dataclass of 13 fields takes.
+    """
 
     serial: str
     type: str
