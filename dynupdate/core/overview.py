@@ -87,7 +87,10 @@ def overview(
     silent_since = None
     with reading(db):
         groups: list[tuple[str, str, str | None, str | None, int]] = []
-        counts = _status_counts(db, fleet, where, params, wanted, groups=groups)
+        # The whole fleet's silent devices: a scan of the table beats the index and a
+        # table lookup for every row; one type's: its range of the index, then lookups.
+        scan = stale is not None and wanted is None
+        counts = _status_counts(db, fleet, where, params, wanted, scan=scan, groups=groups)
         for key, version, state, report_version, count in groups:
             row = result.get(key)
             if row is None:
