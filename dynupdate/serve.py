@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from dynupdate import fingerprints, protocol
 from dynupdate.core.attempts import device_standing
@@ -36,18 +36,22 @@ from dynupdate.core.decision import (
 from dynupdate.core.errors import InvalidInput
 from dynupdate.core.fleet import ActiveRollout, FleetCache, FleetState
 from dynupdate.core.home import Home, home_locked, open_home
-from dynupdate.core.keys import key_for
+from dynupdate.core.keys import remembered_key
 from dynupdate.core.registry import Sighting, StatusReport, UnknownDevice, registered_parents
-from dynupdate.core.store import is_sha256
+from dynupdate.core.store import canonical_sha256
 from dynupdate.core.times import utc_now
 from dynupdate.core.versions import at_least
 from dynupdate.core.vocabulary import UPDATE_OFFERED, Reason
 from dynupdate.core.waves import bucket
+from dynupdate.metrics import exporting
 from dynupdate.recording import EndpointWriter
-from dynupdate.server import listener, tls, workers
+from dynupdate.server import listener, logs, tls, workers
 from dynupdate.server.files import file_response
 from dynupdate.server.identity import Forbidden, certificate_names, check_poll, check_report
 from dynupdate.server.messages import Request, Response
+
+if TYPE_CHECKING:
+    from dynupdate.metrics.exporter import Exporter
 
 __all__ = ["PollApp", "ServeConfig", "ServeOptions", "run_server"]
 
@@ -88,11 +92,17 @@ LIMITED_FOR = 1.0
 class PollApp:
     """The endpoint protocol over a home's database and package store."""
 
-    def __init__(self, home: Home, options: ServeOptions | None = None) -> None:
+    def __init__(
+        self, home: Home, options: ServeOptions | None = None, meter: Exporter | None = None
+    ) -> None:
         self.home = home
         self.options = options or ServeOptions()
+        self.meter = meter  # serve --metrics: counts answered polls and stored reports
         self._fleet = FleetCache(home.db, home.path / "dynupdate.db")
-        self.writer = EndpointWriter(home.path / "dynupdate.db", self.options.flush_interval)
+        self.writer = EndpointWriter(
+            home.path / "dynupdate.db", self.options.flush_interval,
+            sampled=meter.sampled if meter is not None else None,
+        )  # fmt: skip
         self._bases: dict[str, str] = {}  # package URL base per Host header
         self._bind_serial = self.options.bind_serial
         # Per rollout id: (time.monotonic() until which, retryAt) after a reservation
@@ -110,6 +120,8 @@ class PollApp:
     async def aclose(self) -> None:
         """Flush queued endpoint writes once the server has drained (called by the server)."""
         await asyncio.get_running_loop().run_in_executor(None, self.close)
+        if self.meter is not None:
+            await self.meter.aclose()
 
     def __call__(self, request: Request) -> Coroutine[Any, Any, Response]:
         return self.handle(request)  # the coroutine itself: one frame less per request
@@ -217,8 +229,12 @@ class PollApp:
         package = decision.package
         if package is not None:
             url = self._package_url(request, package.sha256)
-            # One indexed read, for offers only, and only once any key was imported.
-            key = key_for(self.home.db, serial, package.version) if fleet.keys else None
+            # Offers only, once any key was imported: an indexed read, then remembered.
+            key = (
+                remembered_key(fleet.key_memo, self.home.db, serial, package.version)
+                if fleet.keys
+                else None
+            )
             answers.append(
                 protocol.Offer(
                     serial, type_, package.version, package.size, package.sha256,
@@ -249,6 +265,8 @@ class PollApp:
 
     def _poll_answer(self, lead: str, answers: list, sightings: list, now: datetime) -> Response:
         self.writer.polls(sightings)
+        if self.meter is not None:
+            self.meter.polled(answers)
         body = protocol.poll_response(answers, self.options.poll_interval, now)
         outcome = UPDATE_OFFERED if isinstance(answers[0], protocol.Offer) else answers[0].reason
         return Response(200, [XML], body, log=f"{lead} poll {outcome}")
@@ -351,6 +369,8 @@ class PollApp:
                 "The report could not be stored yet; retry.",
                 ("Retry-After", "5"),
             )
+        if self.meter is not None:
+            self.meter.reported(report.devices)
         first = report.devices[0]
         return Response(
             200, [XML], protocol.report_response(), log=f"{first.serial} report {first.state}"
@@ -402,13 +422,13 @@ class PollApp:
             return _error(
                 405, "method-not-allowed", "Use GET or HEAD on packages.", ("Allow", "GET, HEAD")
             )
-        name = request.path[len("/packages/") :]
-        if not is_sha256(name) or not self._known(name):
+        sha256 = canonical_sha256(request.path[len("/packages/") :])  # ETag and file: lowercase
+        if sha256 is None or not self._known(sha256):
             return _error(404, "not-found", "No such package.")
-        path = self.home.store.path_for(name)
+        path = self.home.store.path_for(sha256)
         if not path.is_file():
             return _error(404, "not-found", "No such package.")
-        return file_response(request, path, name)
+        return file_response(request, path, sha256)
 
     def _known(self, sha256: str) -> bool:
         return any(
@@ -456,6 +476,8 @@ class ServeConfig:
     max_per_client: int | None = 1_000  # None: no cap
     request_timeout: float = 30.0
     access_log: bool = True
+    log_format: str = "text"  # or "json": one JSON object a line
+    metrics: tuple[str, int] | None = None  # (host, port) of /metrics; None: not served
 
 
 def _stderr_line(line: str) -> None:
@@ -501,6 +523,8 @@ def _check(config: ServeConfig) -> None:
             raise InvalidInput(f"Invalid {name} '{url}': use an http(s):// URL.")
     if (config.cert is None) != (config.key is None):
         raise InvalidInput("Give both --cert and --key, or neither (a self-signed one is made).")
+    if config.metrics is not None and config.metrics[1] == config.port != 0:
+        raise InvalidInput(f"--metrics port {config.port} is the poll port: choose another one.")
 
 
 def _serve_locked(
@@ -509,7 +533,9 @@ def _serve_locked(
     cert, key = config.cert, config.key
     if cert is None or key is None:
         cert, key = tls.ensure_self_signed(home_path)
-    context = tls.server_context(cert, key, config.client_ca)
+    log_format = logs.LogFormat(config.log_format)
+    note = logs.server_log(log_format, _stderr_line)
+    certificate = tls.ServerCertificate(cert, key, config.client_ca, note)
     worker_count = config.workers or os.cpu_count() or 1
     host, port = config.host, config.port
     shown_host = socket.gethostname() if host in ("0.0.0.0", "::") else host
@@ -537,8 +563,8 @@ def _serve_locked(
             bound = "; each speaks only for its own serial" if config.bind_serial else ""
             say(f"Endpoints need a client certificate from {config.client_ca}{bound}")
 
-    def app_factory() -> PollApp:
-        app = PollApp(open_home(home_path), options)
+    def app_factory(meter: Exporter | None = None) -> PollApp:
+        app = PollApp(open_home(home_path), options, meter)
         app.start()
         return app
 
@@ -549,19 +575,23 @@ def _serve_locked(
             say(f"Serving {where} from {home_path} ({processes})")
         sys.stderr.flush()
 
-    workers.run(
-        app_factory,
-        host,
-        port,
-        context,
-        workers=worker_count,
-        ready=ready,
-        max_connections=max_connections,
-        max_per_client=config.max_per_client,
-        request_timeout=config.request_timeout,
-        access_log=_stderr_line if config.access_log else None,
-        connection_log=_stderr_line,
-    )
+    with exporting(home_path, config.metrics, app_factory, say, quiet) as (factory, metering):
+        workers.run(
+            factory,
+            host,
+            port,
+            certificate.context,
+            workers=worker_count,
+            reload_tls=certificate.reload,
+            log_format=log_format,
+            ready=ready,
+            max_connections=max_connections,
+            max_per_client=config.max_per_client,
+            request_timeout=config.request_timeout,
+            access_log=_stderr_line if config.access_log else None,
+            connection_log=_stderr_line,
+            **metering,
+        )
 
 
 def _url_host(host: str) -> str:

@@ -562,16 +562,16 @@ MANY_HEADERS = b"".join(b"X-H%d: v\r\n" % i for i in range(150))
             b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"5\r\nhello\r\n0\r\n\r\n",
             411,
-            "invalid-request",
+            "length-required",
             "Content-Length",
         ),
         (
             b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
             411,
-            "invalid-request",
+            "length-required",
             "Transfer-Encoding",
         ),
-        (b"POST /p HTTP/1.1\r\nHost: x\r\n\r\n", 411, "invalid-request", "Content-Length"),
+        (b"POST /p HTTP/1.1\r\nHost: x\r\n\r\n", 411, "length-required", "Content-Length"),
         (
             b"POST /p HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
             400,
@@ -656,7 +656,7 @@ def test_a_custom_error_body(serve, connect):
 
     sock = connect(serve(error_body=error_body))
     sock.sendall(b"POST /p HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert read_response(sock.makefile("rb"))[2] == b"411 invalid-request"
+    assert read_response(sock.makefile("rb"))[2] == b"411 length-required"
 
 
 # ---------------------------------------------------------------------------

@@ -12,19 +12,31 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import sqlite_utils
 from sqlite_utils import Migrations
 
-from dynupdate.core.errors import StorageError
+from dynupdate.core.errors import InvalidInput, StorageError
 from dynupdate.core.waves import bucket
 
-__all__ = ["DB_NAME", "connect", "migrations", "open_db", "write"]
+__all__ = [
+    "AUTOCHECKPOINT_ENV",
+    "DB_NAME",
+    "connect",
+    "migrations",
+    "open_db",
+    "wal_autocheckpoint",
+    "write",
+]
 
 DB_NAME = "dynupdate.db"
 BUSY_TIMEOUT_MS = 15_000
+# Replication tools such as Litestream want to be the only process that checkpoints
+# the WAL (docs/high-availability.md): this variable sets what every connection of
+# dynupdate (server and CLI) leaves to them.
+AUTOCHECKPOINT_ENV = "DYNUPDATE_WAL_AUTOCHECKPOINT"
 
 migrations = Migrations("dynupdate")
 
@@ -264,8 +276,34 @@ def _m0006(db: sqlite_utils.Database) -> None:
     )
 
 
+def wal_autocheckpoint(environ: Mapping[str, str] = os.environ) -> int | None:
+    """WAL pages after which a commit checkpoints, from ``$DYNUPDATE_WAL_AUTOCHECKPOINT``.
+
+    None when unset (SQLite's default, 1000 pages); 0 leaves every checkpoint
+    to another process.
+
+    >>> wal_autocheckpoint({}), wal_autocheckpoint({AUTOCHECKPOINT_ENV: "0"})
+    (None, 0)
+    >>> wal_autocheckpoint({AUTOCHECKPOINT_ENV: "-1"})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    dynupdate.core.errors.InvalidInput: DYNUPDATE_WAL_AUTOCHECKPOINT='-1' is not a number of ...
+    """
+    value = environ.get(AUTOCHECKPOINT_ENV)
+    if value is None or value == "":
+        return None
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) > 2**31 - 1:
+        raise InvalidInput(
+            f"{AUTOCHECKPOINT_ENV}={value!r} is not a number of WAL pages: give 0 "
+            "(checkpoints left to Litestream) up to 2147483647, or unset it."
+        )
+    return int(text)
+
+
 def connect(path: Path | str) -> sqlite_utils.Database:
     """Open the database file with the pragmas every connection needs."""
+    pages = wal_autocheckpoint()  # before opening: a bad value leaves nothing open
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
     db = sqlite_utils.Database(conn, execute_plugins=False)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -273,6 +311,8 @@ def connect(path: Path | str) -> sqlite_utils.Database:
     # NORMAL is durable against a process crash in WAL mode; FULL adds power-loss
     # durability for the few writes (package rows, reports) that must survive it.
     conn.execute("PRAGMA synchronous = FULL")
+    if pages is not None:
+        conn.execute(f"PRAGMA wal_autocheckpoint = {pages}")
     return db
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import platformdirs
 import sqlite_utils
 
-from dynupdate.core.db import DB_NAME, open_db
+from dynupdate.core.db import DB_NAME, open_db, wal_autocheckpoint
 from dynupdate.core.errors import Conflict, StorageError
 from dynupdate.core.store import PackageStore
 
@@ -65,6 +65,7 @@ class Home:
 def open_home(path: Path | None = None) -> Home:
     """Open the home, creating it (private, 0700) and its database on first use."""
     path = (path or default_home()).expanduser()
+    wal_autocheckpoint()  # a bad setting is refused before anything is created
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not path.is_dir():

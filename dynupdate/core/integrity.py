@@ -169,6 +169,10 @@ def schema_problems(conn: sqlite3.Connection) -> list[str]:
 
 # Statistics ANALYZE may leave: they steer the query planner, never a value.
 _STATISTICS = {"sqlite_stat1", "sqlite_stat4"}
+# Litestream's bookkeeping tables, which it creates in every database it replicates
+# (docs/high-availability.md): nothing of dynupdate reads them. Only these tables are
+# let through; an index, trigger or view on them is still named.
+_LITESTREAM = {"_litestream_seq", "_litestream_lock"}
 
 
 def _schema(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[str, str | None]]:
@@ -176,7 +180,7 @@ def _schema(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[str, str | 
     return {
         (kind, name): (table, sql)
         for kind, name, table, sql in rows
-        if not (kind == "table" and name in _STATISTICS)
+        if not (kind == "table" and name in _STATISTICS | _LITESTREAM)
     }
 
 

@@ -29,7 +29,7 @@ ERROR_CODES = {
     403: "forbidden",
     404: "not-found",
     405: "method-not-allowed",
-    411: "invalid-request",
+    411: "length-required",  # a body needs a Content-Length (no chunked bodies)
     413: "too-large",
     414: "invalid-request",
     416: "invalid-request",

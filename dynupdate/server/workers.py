@@ -27,9 +27,14 @@ from dynupdate.core.errors import DynupdateError, InvalidInput
 from dynupdate.server.listener import Server, listen_sockets
 from dynupdate.server.messages import App
 
-__all__ = ["loop_factory", "run"]
+__all__ = ["TLSReload", "loop_factory", "run"]
 
 logger = logging.getLogger("dynupdate.server")
+
+# On SIGHUP: re-read the TLS files; the new context, or None when they are unusable
+# (the callable has logged why; the old context stays). Its argument says whether to
+# log a success: the supervisor does, once, not each of its workers.
+TLSReload = Callable[[bool], "ssl.SSLContext | None"]
 
 
 def run(
@@ -41,6 +46,8 @@ def run(
     workers: int = 1,
     ready: Callable[[list[tuple[str, int]]], None] | None = None,
     loop: str = "auto",
+    reload_tls: TLSReload | None = None,
+    worker_exited: Callable[[int], None] | None = None,
     **server_opts: Any,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then shut down cleanly. Blocks.
@@ -53,6 +60,12 @@ def run(
     SIGINT/SIGTERM on. ``ready(addresses)`` is called once every worker listens.
     ``loop``: "uvloop", "asyncio", or "auto" (uvloop when installed: it takes
     about a quarter off the CPU per request and per handshake).
+    On SIGHUP, ``reload_tls`` makes the context new handshakes use (open
+    connections keep theirs); the supervisor checks the files first and passes
+    SIGHUP on to its workers only when they are usable. Without it SIGHUP is
+    ignored (rather than ending the server, its default).
+    ``worker_exited(pid)`` is called in the supervisor when a worker has exited
+    (before another is started): what it kept for the others to read is stale.
     """
     factory = loop_factory(loop)
     # A write past a file-size limit (RLIMIT_FSIZE) must fail with EFBIG, as a full
@@ -61,9 +74,15 @@ def run(
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     if workers <= 1:
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(_serve(app_factory, host, port, ssl_context, server_opts, False, ready))
+            runner.run(
+                _serve(app_factory, host, port, ssl_context, server_opts, False, ready,
+                       reload_tls=reload_tls)
+            )  # fmt: skip
         return
-    _supervise(app_factory, host, port, ssl_context, server_opts, workers, ready, factory)
+    _supervise(
+        app_factory, host, port, ssl_context, server_opts, workers, ready, factory, reload_tls,
+        worker_exited,
+    )
 
 
 def loop_factory(name: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -90,13 +109,29 @@ async def _serve(
     reuse_port: bool,
     ready: Callable[[list[tuple[str, int]]], None] | None,
     parent: int | None = None,
+    reload_tls: TLSReload | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM or, for a worker, until ``parent`` (a pipe) reads EOF."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
+    server: Server | None = None
+
+    def reload() -> None:
+        nonlocal ssl_context
+        if reload_tls is None or ssl_context is None:
+            return
+        # A worker's supervisor has announced the new certificate already.
+        context = reload_tls(parent is None)
+        if context is None:
+            return
+        ssl_context = context  # a server still starting is made with it
+        if server is not None:
+            server.use_tls(context)
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     if parent is not None:
         loop.add_reader(parent, stop.set)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # a forked worker starts blocked
@@ -132,6 +167,8 @@ def _supervise(
     workers: int,
     ready: Callable[[list[tuple[str, int]]], None] | None,
     factory: Callable[[], asyncio.AbstractEventLoop] | None,
+    reload_tls: TLSReload | None = None,
+    worker_exited: Callable[[int], None] | None = None,
 ) -> None:
     if port:
         # SO_REUSEPORT would let the kernel spread connections over this server and
@@ -145,7 +182,7 @@ def _supervise(
     reserved = listen_sockets(host, port, reuse_port=True, listen=False)
     addresses = [s.getsockname()[:2] for s in reserved]
     port = addresses[0][1]
-    signals = {signal.SIGINT, signal.SIGTERM}
+    signals = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
     ready_r, ready_w = os.pipe()
     # Only the supervisor keeps the write end: when it dies, even by SIGKILL, the
     # workers read EOF and stop, so none serves (and holds the home's lock) orphaned.
@@ -170,7 +207,7 @@ def _supervise(
                     signal.signal(signum, signal.SIG_DFL)
                 args = (app_factory, host, port, ssl_context, server_opts, True, started, alive_r)
                 with asyncio.Runner(loop_factory=factory) as runner:
-                    runner.run(_serve(*args))
+                    runner.run(_serve(*args, reload_tls=reload_tls))
                 code = 0
             except BaseException:
                 traceback.print_exc()
@@ -186,7 +223,27 @@ def _supervise(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
-    previous = {signum: signal.signal(signum, stop_all) for signum in signals}
+    def reload(_signum: int = signal.SIGHUP, _frame: Any = None) -> None:
+        nonlocal ssl_context
+        if reload_tls is None or ssl_context is None or stopping:
+            return
+        # Checked here once: unusable files are one line in the log, not one per worker.
+        try:
+            context = reload_tls(True)
+        except RuntimeError:
+            # Its line written while this process was writing one (a reentrant write to
+            # stderr): raised from a signal handler, it would stop the supervisor. The
+            # workers keep the old certificate until the next SIGHUP.
+            return
+        if context is None:
+            return
+        ssl_context = context  # what a worker started from now on begins with
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
+    previous = {signum: signal.signal(signum, stop_all) for signum in signals - {signal.SIGHUP}}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
     failure = None
     try:
         for _ in range(workers):
@@ -211,6 +268,8 @@ def _supervise(
             except ChildProcessError:
                 break
             children.pop(pid, None)
+            if worker_exited is not None:
+                worker_exited(pid)
             if stopping:
                 continue
             now = time.monotonic()
