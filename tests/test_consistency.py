@@ -7,6 +7,7 @@ Through the CLI on temp homes; root's default home by faking the uid check
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import platformdirs
@@ -166,3 +167,18 @@ def test_root_cli_without_a_home_creates_the_system_home(monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stderr == f"Created a new home at {system}\n"
     assert (system / "dynupdate.db").is_file()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a folder to another user")
+def test_root_is_refused_in_a_home_another_user_owns(monkeypatch, tmp_path):
+    """What root wrote there (package files, the lock) the service's user could not read."""
+    service_home = tmp_path / "service"
+    service_home.mkdir(mode=0o700)
+    os.chown(service_home, 4711, 4711)  # as StateDirectory= makes it for the service's user
+    monkeypatch.setattr(home_module, "_running_as_root", lambda: True)
+    result = CliRunner().invoke(app, ["--home", str(service_home), "overview", "--json"])
+    assert result.exit_code == 1 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert f"The home '{service_home}' belongs to the user " in line
+    assert "sudo -u " in line and "Traceback" not in line
+    assert list(service_home.iterdir()) == [], "nothing written"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import pwd
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,7 @@ def open_home(path: Path | None = None) -> Home:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not path.is_dir():
             raise NotADirectoryError(path)
+        _refuse_root_in_a_users_home(path)
         created = not (path / DB_NAME).exists()
         store = PackageStore(path / "packages")
         store.ensure()
@@ -78,6 +80,27 @@ def open_home(path: Path | None = None) -> Home:
     db = open_db(path)
     store.clean_temp()
     return Home(path=path, db=db, store=store, created=created)
+
+
+def _refuse_root_in_a_users_home(path: Path) -> None:
+    """Root may not write in a home another user owns (a service's, /var/lib/dynupdate).
+
+    What it would write there (package files, the TLS key, the lock) would be
+    root's, and the service's user could no longer read it.
+    """
+    if not _running_as_root():
+        return
+    owner = path.stat().st_uid
+    if owner == os.geteuid():
+        return
+    try:
+        name = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        name = str(owner)
+    raise Conflict(
+        f"The home '{path}' belongs to the user {name}: run dynupdate as that user"
+        f" (sudo -u {name} dynupdate …), so that what it writes stays readable by its server."
+    )
 
 
 def lock_home(path: Path, role: str, advice: str) -> int:
