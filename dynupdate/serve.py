@@ -39,7 +39,7 @@ from dynupdate.core.keys import remembered_key
 from dynupdate.core.registry import Sighting, StatusReport, UnknownDevice, registered_parents
 from dynupdate.core.times import utc_now
 from dynupdate.core.versions import at_least
-from dynupdate.core.vocabulary import Reason
+from dynupdate.core.vocabulary import UPDATE_OFFERED, Reason
 from dynupdate.core.waves import bucket
 from dynupdate.downloads import Downloads
 from dynupdate.metrics import exporting
@@ -221,23 +221,24 @@ class PollApp:
                 )
             )  # fmt: skip
             offered = package.version
+            told: str = UPDATE_OFFERED
         else:
             # A decision without a package always carries its reason.
-            reason = cast(Reason, decision.reason)
+            told = reason = cast(Reason, decision.reason)
             answers.append(protocol.NoOffer(serial, type_, reason, decision.retry_at))
             offered = None
         # Sighting(serial, type, version, model, mac, tz, in_call, address, parent, offered,
-        # rollout)
+        # rollout, reason, retry_at)
         tz, in_call = endpoint.tz, endpoint.in_call
         if device is endpoint:
             sighting = Sighting(
                 serial, type_, version, endpoint.model, endpoint.mac, tz, in_call, address,
-                None, offered, rollout_id,
+                None, offered, rollout_id, told, decision.retry_at,
             )  # fmt: skip
         else:
             sighting = Sighting(
                 serial, type_, version, None, None, tz, in_call, address, endpoint.serial,
-                offered, rollout_id,
+                offered, rollout_id, told, decision.retry_at,
             )  # fmt: skip
         sightings.append((sighting, now))
 
@@ -246,7 +247,7 @@ class PollApp:
         if self.meter is not None:
             self.meter.polled(answers)
         body = protocol.poll_response(answers, self.options.poll_interval, now)
-        outcome = "update" if isinstance(answers[0], protocol.Offer) else answers[0].reason
+        outcome = UPDATE_OFFERED if isinstance(answers[0], protocol.Offer) else answers[0].reason
         return Response(200, [XML], body, log=f"{lead} poll {outcome}")
 
     def _decide_in_rollout(
@@ -463,6 +464,8 @@ def run_server(
     _check(config)
     home = open_home(home_path)
     home_path = home.path
+    if home.created:
+        say(f"Created a new home at {home_path}")
     # Each worker opens its own connection: none may inherit this one across fork.
     home.close()
     # Held while the server runs; the workers it forks share it (see lock_home).

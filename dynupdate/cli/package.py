@@ -19,6 +19,7 @@ from rich.progress import (
 import dynupdate.cli.rollout as rollout_cli
 from dynupdate.cli._app import home_of, state_of
 from dynupdate.cli._output import JSON, TYPE_FILTER, emit_list, emit_object, say, stderr, visible
+from dynupdate.cli._types import new_type_notice
 from dynupdate.core.gates import RolloutOptions
 from dynupdate.core.packages import (
     Package,
@@ -86,6 +87,7 @@ def add(
     if rollout:
         # Refused options are refused before the import, not after hashing gigabytes.
         RolloutOptions().given(**given)
+    new_type = new_type_notice(home.db, type_)  # known before the import makes it known
 
     def run(progress: Callable[[int], None] | None) -> tuple[Package, bool, Rollout | None]:
         start = StartOnImport(given) if rollout else None
@@ -111,6 +113,9 @@ def add(
         package, created, started = run(None)
     if as_json:
         emit_object(package.to_dict(), as_json=True)
+    if created and new_type is not None:
+        notice, warning = new_type
+        say(notice, quiet=state_of(ctx).quiet and not warning)
     verb = "Added" if created else "Already present:"
     blocked = " (blocked: a rollout of its type is active)" if package.blocked else ""
     say(

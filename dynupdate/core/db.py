@@ -261,6 +261,25 @@ def _m0005(db: sqlite_utils.Database) -> None:
     _count_changes(db, "rollouts", "trial_devices", "activation_keys")
 
 
+@migrations(name="0006_last_answer")
+def _m0006(db: sqlite_utils.Database) -> None:
+    # What each device's last poll was told: the reason of its answer ('update'
+    # when it was offered one) and the retryAt it was given, so an admin sees why
+    # it waits. NULL until its first poll answered by a server that records them.
+    # The partial index covers the overview's count of devices waiting for the
+    # window without a table scan; polls leave it alone while their answer keeps
+    # its reason (see dynupdate.core.registry.record_polls).
+    db.executescript(
+        """
+        ALTER TABLE endpoints ADD COLUMN last_reason TEXT;
+        ALTER TABLE endpoints ADD COLUMN retry_at TEXT;
+        CREATE INDEX endpoints_window
+            ON endpoints (type_key, version, report_state, report_version, bucket)
+            WHERE last_reason = 'outside-window';
+        """
+    )
+
+
 def wal_autocheckpoint(environ: Mapping[str, str] = os.environ) -> int | None:
     """WAL pages after which a commit checkpoints, from ``$DYNUPDATE_WAL_AUTOCHECKPOINT``.
 
