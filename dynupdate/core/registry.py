@@ -223,51 +223,33 @@ def _note_rollouts(
 _CHUNK = 64  # polls refreshed by one executemany
 
 
+# Registers a device, or updates it: the offer (and when it was first made) is kept
+# when a poll makes none, first_seen is never rewritten.
+_UPSERT = (
+    "INSERT INTO endpoints (serial, type, type_key, version, model, mac, tz, in_call, address,"
+    " parent_serial, first_seen, last_poll, offered_version, offered_at, bucket, last_reason,"
+    " retry_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (serial) DO UPDATE SET type = excluded.type, type_key = excluded.type_key,"
+    " version = excluded.version, model = excluded.model, mac = excluded.mac, tz = excluded.tz,"
+    " in_call = excluded.in_call, address = excluded.address,"
+    " parent_serial = excluded.parent_serial, last_poll = excluded.last_poll,"
+    " offered_version = coalesce(excluded.offered_version, offered_version),"
+    " offered_at = coalesce(excluded.offered_at, offered_at), bucket = excluded.bucket,"
+    " last_reason = excluded.last_reason, retry_at = excluded.retry_at"
+)
+
+
 def _record_poll(db: sqlite_utils.Database, s: Sighting, at: str, touched: set[str]) -> None:
     """The full path of one poll: register, or update and record the events."""
     row = db.execute(
         "SELECT version, offered_version FROM endpoints WHERE serial = ?", (s.serial,)
     ).fetchone()
-    if row is None:
-        db.execute(
-            "INSERT INTO endpoints (serial, type, type_key, version, model, mac, tz,"
-            " in_call, address, parent_serial, first_seen, last_poll, offered_version,"
-            " offered_at, bucket, last_reason, retry_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                s.serial,
-                s.type,
-                type_key(s.type),
-                s.version,
-                s.model,
-                s.mac,
-                s.tz,
-                int(s.in_call),
-                s.address,
-                s.parent_serial,
-                at,
-                at,
-                s.offered_version,
-                at if s.offered_version else None,
-                bucket(s.parent_serial or s.serial),
-                s.reason,
-                format_utc(s.retry_at),
-            ),
-        )
-        _history(db, s.serial, at, "first-seen", s.version)
-        if s.offered_version:
-            _history(db, s.serial, at, "offered", s.offered_version)
-        touched.add(s.serial)
-        return
-    old_version, old_offer = row
+    old_version, old_offer = row if row is not None else (None, None)
     offer_changed = s.offered_version is not None and s.offered_version != old_offer
     db.execute(
-        "UPDATE endpoints SET type = ?, type_key = ?, version = ?, model = ?, mac = ?,"
-        " tz = ?, in_call = ?, address = ?, parent_serial = ?, last_poll = ?,"
-        " offered_version = coalesce(?, offered_version),"
-        " offered_at = CASE WHEN ? THEN ? ELSE offered_at END, bucket = ?, last_reason = ?,"
-        " retry_at = ? WHERE serial = ?",
+        _UPSERT,
         (
+            s.serial,
             s.type,
             type_key(s.type),
             s.version,
@@ -277,16 +259,21 @@ def _record_poll(db: sqlite_utils.Database, s: Sighting, at: str, touched: set[s
             int(s.in_call),
             s.address,
             s.parent_serial,
+            at,  # first_seen: kept when the device is known
             at,
             s.offered_version,
-            offer_changed,
-            at,
+            at if offer_changed else None,
             bucket(s.parent_serial or s.serial),  # a peripheral leads with its endpoint
             s.reason,
             format_utc(s.retry_at),
-            s.serial,
         ),
     )
+    if row is None:
+        _history(db, s.serial, at, "first-seen", s.version)
+        if s.offered_version:
+            _history(db, s.serial, at, "offered", s.offered_version)
+        touched.add(s.serial)
+        return
     if old_version != s.version:
         _history(db, s.serial, at, "version-changed", s.version, f"from {old_version}")
         touched.add(s.serial)
