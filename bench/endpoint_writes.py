@@ -7,6 +7,12 @@ grouped writes do. With a big table every poll's row sits on another page,
 so the difference between the two sizes is what the fleet's size costs a poll.
 
     .venv/bin/python bench/endpoint_writes.py [--endpoints 1000,1000000] [--batches 30]
+        [--reason outside-window]
+
+``--reason R``: every poll was told R, as it was at the poll before (the
+server's steady state; ``outside-window`` with a ``retryAt``, a row of the
+partial index endpoints_window). Without it, polls carry no answer, as
+before the server recorded answers.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import sqlite3
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,37 +37,46 @@ BATCH = 1600
 POOL = 10_000
 
 
-def fill(home: Path, count: int) -> None:
+def fill(home: Path, count: int, reason: str | None = None) -> None:
     open_home(home).close()
     db = sqlite3.connect(home / "dynupdate.db")
     at = "2026-12-01T00:00:00Z"
+    # As the poll before left it: a retryAt of the same length as the next one's.
+    retry = "2026-12-02T21:00:00Z" if reason == "outside-window" else None
     rows = (
-        (f"SN{i:07d}", "GroupSeries", "groupseries", "6.1.0", at, at) for i in range(count)
+        (f"SN{i:07d}", "GroupSeries", "groupseries", "6.1.0", at, at, reason, retry)
+        for i in range(count)
     )
     db.executemany(
-        "INSERT INTO endpoints (serial, type, type_key, version, first_seen, last_poll, in_call)"
-        " VALUES (?, ?, ?, ?, ?, ?, 0)",
+        "INSERT INTO endpoints (serial, type, type_key, version, first_seen, last_poll, in_call,"
+        " last_reason, retry_at) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
         rows,
     )
     db.commit()
     db.close()
 
 
-def measure(home: Path, count: int, batches: int) -> float:
+def measure(home: Path, count: int, batches: int, reason: str | None = None) -> float:
     """Seconds of this thread's CPU per poll written."""
+    retry = datetime(2026, 12, 2, 21, tzinfo=UTC) if reason == "outside-window" else None
     rng = random.Random(1)
     pool = [f"SN{rng.randrange(count):07d}" for _ in range(POOL)]
     db = connect(home / "dynupdate.db")
     try:
         work = []
+        started_at = datetime.now(UTC).replace(microsecond=0)
         for k in range(batches + 1):
-            now = datetime.now(UTC)
+            # A second apart, as a device's polls are: a row written again with the
+            # same content leaves its page clean, which real polls never do.
+            now = started_at + timedelta(seconds=k)
             work.append(
                 [
                     (
                         Sighting(
                             pool[(k * BATCH + j) % POOL], "GroupSeries", "6.1.0", "Group 500",
-                            "00:11:22:33:44:55", None, False, "127.0.0.1",
+                            "00:11:22:33:44:55", None, False, "127.0.0.1", reason=reason,
+                            # the same for a device from poll to poll, as the server's
+                            retry_at=retry and retry + timedelta(seconds=(k * BATCH + j) % POOL),
                         ),
                         now,
                     )
@@ -82,6 +97,7 @@ def main() -> None:
     parser.add_argument("--endpoints", default="1000,1000000", help="fleet sizes, comma-separated")
     parser.add_argument("--batches", type=int, default=30, help="batches of 1,600 polls")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--reason", default=None, help="the reason every poll was told")
     args = parser.parse_args()
     sizes = [int(n) for n in args.endpoints.split(",")]
     work = Path(tempfile.mkdtemp(prefix="dynupdate-writes-"))
@@ -90,9 +106,11 @@ def main() -> None:
         for count in sizes:
             home = work / f"home-{count}"
             started = time.perf_counter()
-            fill(home, count)
+            fill(home, count, args.reason)
             filled = time.perf_counter() - started
-            runs = sorted(measure(home, count, args.batches) for _ in range(args.repeat))
+            runs = sorted(
+                measure(home, count, args.batches, args.reason) for _ in range(args.repeat)
+            )
             figures[count] = runs[len(runs) // 2]
             shown = ", ".join(f"{r * 1e6:.1f}" for r in runs)
             print(

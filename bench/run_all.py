@@ -42,6 +42,7 @@ BENCHES = (
     Bench("endpoint_writes", (), "a poll's row update, 1,000 vs 1,000,000 endpoints"),
     Bench("rollout", ("--pin-cores",), "a 10,000-endpoint rollout through one server"),
     Bench("soak", ("--minutes", "1"), "polls and reports at half the peak; errors, RSS"),
+    Bench("metrics_cost", ("--repeat", "10"), "serve --metrics: instrument calls per request"),
     Bench(
         "poll_server",
         ("--seconds", "5", "--repeat", "1"),

@@ -167,6 +167,7 @@ def parse_poll_response(body: bytes) -> PollAnswer:
                     sha256.lower(),
                     element.get("name") or sha256.lower(),
                     url,
+                    element.get("activationKey") or None,  # for the installer (SPEC section 7)
                 )
             )
         elif element.tag == "noUpdate":

@@ -60,6 +60,10 @@ class EndpointWriter:
     polls are still answered: the newest poll of each device is kept (at most
     ``max_unrecorded`` devices) and written once writing works again. One log
     line says when that starts and one when it ends.
+
+    ``sampled(queued, unrecorded)``, when given, is called by the writer each time
+    it has written (or waited ``flush_interval`` for nothing): the requests queued
+    for it meanwhile, and the polls it keeps unrecorded (``serve --metrics``).
     """
 
     def __init__(
@@ -70,8 +74,10 @@ class EndpointWriter:
         *,
         connect_db: Callable[[Path], Any] = connect,  # tests give a database that fills up
         gate_interval: float = GATE_INTERVAL,
+        sampled: Callable[[int, int], None] | None = None,
     ) -> None:
         self.db_path = db_path
+        self._sampled = sampled
         self.gate_interval = gate_interval
         self._connect = connect_db
         self.flush_interval = flush_interval
@@ -142,6 +148,8 @@ class EndpointWriter:
                 except queue.Empty:
                     if self._unrecorded and time.monotonic() >= self._next_retry:
                         self._record_polls(db, [], retry_now=False)
+                    if self._sampled is not None:
+                        self._sampled(self._queue.qsize(), len(self._unrecorded))
                     continue
                 # Let polls gather for a moment unless a report is waiting. One
                 # sleep rather than a wake-up per poll: under load, the writer
@@ -166,6 +174,8 @@ class EndpointWriter:
                     else:
                         stop = True
                 self._write(db, polls, reports, waiting, reservations, last=stop)
+                if self._sampled is not None:
+                    self._sampled(self._queue.qsize(), len(self._unrecorded))
         finally:
             db.close()
 

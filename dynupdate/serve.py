@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import socket
 import sys
 import time
@@ -20,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from dynupdate import fingerprints, protocol
 from dynupdate.core.attempts import device_standing
@@ -28,7 +27,6 @@ from dynupdate.core.decision import (
     RATE_LIMIT_RETRY,
     Decision,
     DeviceState,
-    RolloutView,
     Standing,
     admitted,
     decide_for_target,
@@ -37,29 +35,31 @@ from dynupdate.core.decision import (
 from dynupdate.core.errors import InvalidInput
 from dynupdate.core.fleet import ActiveRollout, FleetCache, FleetState
 from dynupdate.core.home import Home, home_locked, open_home
-from dynupdate.core.keys import key_for
+from dynupdate.core.keys import remembered_key
 from dynupdate.core.registry import Sighting, StatusReport, UnknownDevice, registered_parents
-from dynupdate.core.store import is_sha256
 from dynupdate.core.times import utc_now
-from dynupdate.core.versions import version_key
-from dynupdate.core.vocabulary import Reason
+from dynupdate.core.versions import at_least
+from dynupdate.core.vocabulary import UPDATE_OFFERED, Reason
 from dynupdate.core.waves import bucket
+from dynupdate.downloads import Downloads
+from dynupdate.metrics import exporting
 from dynupdate.recording import EndpointWriter
-from dynupdate.server import listener, tls, workers
-from dynupdate.server.files import file_response
+from dynupdate.server import listener, logs, tls, workers
 from dynupdate.server.identity import Forbidden, certificate_names, check_poll, check_report
-from dynupdate.server.messages import Request, Response
+from dynupdate.server.messages import Request, Response, error_response
+
+if TYPE_CHECKING:
+    from dynupdate.metrics.exporter import Exporter
 
 __all__ = ["PollApp", "ServeConfig", "ServeOptions", "run_server"]
 
 log = logging.getLogger("dynupdate.serve")
 
 XML = ("Content-Type", "application/xml")
-# A Host header is echoed into package URLs only when it is a plain host[:port].
-_HOST = re.compile(
-    r"(?:[A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}(?::\d{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](?::\d{1,5})?"
-)
 _ROUTES = {"/poll": ("POST",), "/report": ("POST",)}
+# The standing of a device in a call or already on the rollout's version: decide_rollout
+# answers those before it looks at a standing.
+_UNREAD = Standing(bucket=0)
 
 
 @dataclass
@@ -75,7 +75,8 @@ class ServeOptions:
 
 
 def _error(status: int, code: str, message: str, *extra: tuple[str, str]) -> Response:
-    return Response(status, [XML, *extra], protocol.error_document(code, message), log=code)
+    return error_response(status, message, code, *extra, log=code)
+
 
 # Seconds a full --max-in-flight/--max-per-hour is believed without asking the
 # writer again: short, since a verified success frees a slot at any time.
@@ -85,12 +86,18 @@ LIMITED_FOR = 1.0
 class PollApp:
     """The endpoint protocol over a home's database and package store."""
 
-    def __init__(self, home: Home, options: ServeOptions | None = None) -> None:
+    def __init__(
+        self, home: Home, options: ServeOptions | None = None, meter: Exporter | None = None
+    ) -> None:
         self.home = home
         self.options = options or ServeOptions()
+        self.meter = meter  # serve --metrics: counts answered polls and stored reports
         self._fleet = FleetCache(home.db, home.path / "dynupdate.db")
-        self.writer = EndpointWriter(home.path / "dynupdate.db", self.options.flush_interval)
-        self._bases: dict[str, str] = {}  # package URL base per Host header
+        self.writer = EndpointWriter(
+            home.path / "dynupdate.db", self.options.flush_interval,
+            sampled=meter.sampled if meter is not None else None,
+        )  # fmt: skip
+        self.downloads = Downloads(home.store, self.options, self._known)
         self._bind_serial = self.options.bind_serial
         # Per rollout id: (time.monotonic() until which, retryAt) after a reservation
         # found --max-in-flight or --max-per-hour full.
@@ -107,6 +114,8 @@ class PollApp:
     async def aclose(self) -> None:
         """Flush queued endpoint writes once the server has drained (called by the server)."""
         await asyncio.get_running_loop().run_in_executor(None, self.close)
+        if self.meter is not None:
+            await self.meter.aclose()
 
     def __call__(self, request: Request) -> Coroutine[Any, Any, Response]:
         return self.handle(request)  # the coroutine itself: one frame less per request
@@ -115,9 +124,15 @@ class PollApp:
         """The cached state, reloaded when a CLI (or anyone) changed it."""
         return self._fleet.get()
 
+    def _known(self, sha256: str) -> bool:
+        """Whether a package of the configuration has this hash (others are never served)."""
+        return any(
+            p.sha256 == sha256 for kind in self.fleet().types.values() for p in kind.packages
+        )
+
     async def handle(self, request: Request) -> Response:
         if request.path.startswith("/packages/"):
-            return self._package(request)
+            return self.downloads.answer(request)
         allowed = _ROUTES.get(request.path)
         if allowed is None:
             return _error(404, "not-found", f"No such path {request.path[:64]!r}.")
@@ -137,27 +152,6 @@ class PollApp:
             return await self._report(request)
         except protocol.ProtocolError as e:
             return _error(400, e.code, e.message)
-
-    def _package_base(self, request: Request) -> str:
-        if self.options.public_url:
-            return self.options.public_url.rstrip("/") + "/packages/"
-        host = request.headers.get("host", "")
-        if _HOST.fullmatch(host):
-            return f"https://{host}/packages/"
-        return self.options.fallback_base.rstrip("/") + "/packages/"
-
-    def _package_url(self, request: Request, sha256: str) -> str:
-        if self.options.package_url:
-            return f"{self.options.package_url.rstrip('/')}/{sha256[:2]}/{sha256}"
-        if self.options.public_url:
-            return self._package_base(request) + sha256
-        host = request.headers.get("host", "")
-        base = self._bases.get(host)
-        if base is None:
-            if len(self._bases) >= 256:  # Host is the client's to choose: stay small
-                self._bases.clear()
-            base = self._bases[host] = self._package_base(request)
-        return base + sha256
 
     def _poll(self, request: Request) -> Response | Coroutine[Any, Any, Response]:
         """The answer; or, when an offer opens a rollout attempt, a coroutine reserving first."""
@@ -199,23 +193,27 @@ class PollApp:
                     answers.append(None)
                     sightings.append(None)
                     continue
-            self._answer(request, device, endpoint, decision, rollout_id, address, now,
+            self._answer(request, fleet, device, endpoint, decision, rollout_id, address, now,
                          answers, sightings)  # fmt: skip
         if reserving is not None:
             return self._reserve_then_answer(request, poll, reserving, answers, sightings, now)
         return self._poll_answer(endpoint.serial, answers, sightings, now)
 
     def _answer(
-        self, request, device, endpoint, decision: Decision, rollout_id, address, now,
-        answers: list, sightings: list,
+        self, request, fleet: FleetState, device, endpoint, decision: Decision, rollout_id,
+        address, now, answers: list, sightings: list,
     ) -> None:  # fmt: skip
         """Append the answer for one device and what its poll records."""
         serial, type_, version = device.serial, device.type, device.version
         package = decision.package
         if package is not None:
-            url = self._package_url(request, package.sha256)
-            # One indexed read, for offers only, and only once any key was imported.
-            key = key_for(self.home.db, serial, package.version) if self.fleet().keys else None
+            url = self.downloads.url(request, package.sha256)
+            # Offers only, once any key was imported: an indexed read, then remembered.
+            key = (
+                remembered_key(fleet.key_memo, self.home.db, serial, package.version)
+                if fleet.keys
+                else None
+            )
             answers.append(
                 protocol.Offer(
                     serial, type_, package.version, package.size, package.sha256,
@@ -223,30 +221,33 @@ class PollApp:
                 )
             )  # fmt: skip
             offered = package.version
+            told: str = UPDATE_OFFERED
         else:
             # A decision without a package always carries its reason.
-            reason = cast(Reason, decision.reason)
+            told = reason = cast(Reason, decision.reason)
             answers.append(protocol.NoOffer(serial, type_, reason, decision.retry_at))
             offered = None
         # Sighting(serial, type, version, model, mac, tz, in_call, address, parent, offered,
-        # rollout)
+        # rollout, reason, retry_at)
         tz, in_call = endpoint.tz, endpoint.in_call
         if device is endpoint:
             sighting = Sighting(
                 serial, type_, version, endpoint.model, endpoint.mac, tz, in_call, address,
-                None, offered, rollout_id,
+                None, offered, rollout_id, told, decision.retry_at,
             )  # fmt: skip
         else:
             sighting = Sighting(
                 serial, type_, version, None, None, tz, in_call, address, endpoint.serial,
-                offered, rollout_id,
+                offered, rollout_id, told, decision.retry_at,
             )  # fmt: skip
         sightings.append((sighting, now))
 
     def _poll_answer(self, lead: str, answers: list, sightings: list, now: datetime) -> Response:
         self.writer.polls(sightings)
+        if self.meter is not None:
+            self.meter.polled(answers)
         body = protocol.poll_response(answers, self.options.poll_interval, now)
-        outcome = "update" if isinstance(answers[0], protocol.Offer) else answers[0].reason
+        outcome = UPDATE_OFFERED if isinstance(answers[0], protocol.Offer) else answers[0].reason
         return Response(200, [XML], body, log=f"{lead} poll {outcome}")
 
     def _decide_in_rollout(
@@ -255,9 +256,12 @@ class PollApp:
     ) -> Decision:  # fmt: skip
         """Section 6's decision; the device's attempts are read only when V may be offered."""
         view = rollout.view
+        if state.in_call or at_least(state.version, view.version):
+            # Answered before any standing is looked at: no bucket to hash, nothing to read.
+            return decide_rollout(view, _UNREAD, fleet.window, state, now)
         trial = fleet.trial
         standing = Standing(bucket(lead), bool(trial) and (state.serial in trial or lead in trial))
-        if not state.in_call and admitted(view, standing) and not _on_or_past(state.version, view):
+        if admitted(view, standing):
             _attempted, held, attempt_open = device_standing(
                 self.home.db, rollout.id, state.serial, rollout.max_attempts
             )
@@ -312,8 +316,8 @@ class PollApp:
                 )
             one_answer: list = []
             one_sighting: list = []
-            self._answer(request, device, endpoint, answer_decision, rollout_id, address, now,
-                         one_answer, one_sighting)  # fmt: skip
+            self._answer(request, self.fleet(), device, endpoint, answer_decision, rollout_id,
+                         address, now, one_answer, one_sighting)  # fmt: skip
             answers[at] = one_answer[0]
             sightings[seen_at] = one_sighting[0]
         return self._poll_answer(endpoint.serial, answers, sightings, now)
@@ -344,6 +348,8 @@ class PollApp:
                 "The report could not be stored yet; retry.",
                 ("Retry-After", "5"),
             )
+        if self.meter is not None:
+            self.meter.reported(report.devices)
         first = report.devices[0]
         return Response(
             200, [XML], protocol.report_response(), log=f"{first.serial} report {first.state}"
@@ -390,29 +396,6 @@ class PollApp:
             await asyncio.sleep(2 * self.options.flush_interval + 0.1)
         return denied
 
-    def _package(self, request: Request) -> Response:
-        if request.method not in ("GET", "HEAD"):
-            return _error(
-                405, "method-not-allowed", "Use GET or HEAD on packages.", ("Allow", "GET, HEAD")
-            )
-        name = request.path[len("/packages/") :]
-        if not is_sha256(name) or not self._known(name):
-            return _error(404, "not-found", "No such package.")
-        path = self.home.store.path_for(name)
-        if not path.is_file():
-            return _error(404, "not-found", "No such package.")
-        return file_response(request, path, name)
-
-    def _known(self, sha256: str) -> bool:
-        return any(
-            p.sha256 == sha256 for kind in self.fleet().types.values() for p in kind.packages
-        )
-
-
-def _on_or_past(version: str, view: RolloutView) -> bool:
-    """Whether a device on ``version`` runs the rollout's version or newer (up-to-date)."""
-    return version == view.version or version_key(version) >= version_key(view.version)
-
 
 def _rollout_id(fleet: FleetState, type_: str) -> int | None:
     rollout = fleet.of(type_).rollout
@@ -454,6 +437,8 @@ class ServeConfig:
     max_per_client: int | None = 1_000  # None: no cap
     request_timeout: float = 30.0
     access_log: bool = True
+    log_format: str = "text"  # or "json": one JSON object a line
+    metrics: tuple[str, int] | None = None  # (host, port) of /metrics; None: not served
 
 
 def _stderr_line(line: str) -> None:
@@ -479,6 +464,8 @@ def run_server(
     _check(config)
     home = open_home(home_path)
     home_path = home.path
+    if home.created:
+        say(f"Created a new home at {home_path}")
     # Each worker opens its own connection: none may inherit this one across fork.
     home.close()
     # Held while the server runs; the workers it forks share it (see lock_home).
@@ -497,6 +484,8 @@ def _check(config: ServeConfig) -> None:
             raise InvalidInput(f"Invalid {name} '{url}': use an http(s):// URL.")
     if (config.cert is None) != (config.key is None):
         raise InvalidInput("Give both --cert and --key, or neither (a self-signed one is made).")
+    if config.metrics is not None and config.metrics[1] == config.port != 0:
+        raise InvalidInput(f"--metrics port {config.port} is the poll port: choose another one.")
 
 
 def _serve_locked(
@@ -505,7 +494,9 @@ def _serve_locked(
     cert, key = config.cert, config.key
     if cert is None or key is None:
         cert, key = tls.ensure_self_signed(home_path)
-    context = tls.server_context(cert, key, config.client_ca)
+    log_format = logs.LogFormat(config.log_format)
+    note = logs.server_log(log_format, _stderr_line)
+    certificate = tls.ServerCertificate(cert, key, config.client_ca, note)
     worker_count = config.workers or os.cpu_count() or 1
     host, port = config.host, config.port
     shown_host = socket.gethostname() if host in ("0.0.0.0", "::") else host
@@ -533,8 +524,8 @@ def _serve_locked(
             bound = "; each speaks only for its own serial" if config.bind_serial else ""
             say(f"Endpoints need a client certificate from {config.client_ca}{bound}")
 
-    def app_factory() -> PollApp:
-        app = PollApp(open_home(home_path), options)
+    def app_factory(meter: Exporter | None = None) -> PollApp:
+        app = PollApp(open_home(home_path), options, meter)
         app.start()
         return app
 
@@ -545,19 +536,23 @@ def _serve_locked(
             say(f"Serving {where} from {home_path} ({processes})")
         sys.stderr.flush()
 
-    workers.run(
-        app_factory,
-        host,
-        port,
-        context,
-        workers=worker_count,
-        ready=ready,
-        max_connections=max_connections,
-        max_per_client=config.max_per_client,
-        request_timeout=config.request_timeout,
-        access_log=_stderr_line if config.access_log else None,
-        connection_log=_stderr_line,
-    )
+    with exporting(home_path, config.metrics, app_factory, say, quiet) as (factory, metering):
+        workers.run(
+            factory,
+            host,
+            port,
+            certificate.context,
+            workers=worker_count,
+            reload_tls=certificate.reload,
+            log_format=log_format,
+            ready=ready,
+            max_connections=max_connections,
+            max_per_client=config.max_per_client,
+            request_timeout=config.request_timeout,
+            access_log=_stderr_line if config.access_log else None,
+            connection_log=_stderr_line,
+            **metering,
+        )
 
 
 def _url_host(host: str) -> str:

@@ -100,7 +100,7 @@ def test_empty_lists_are_empty_arrays(cli):
     assert cli.json("policy", "list") == []
 
 
-def test_unexpected_errors_never_show_a_traceback(cli, monkeypatch):
+def test_unexpected_errors_never_show_a_traceback(cli, home, monkeypatch):
     import dynupdate.cli.policy as policy_cli
 
     def broken(db):

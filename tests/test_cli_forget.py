@@ -90,4 +90,6 @@ def test_forget_is_in_the_audit_log_and_a_refusal_is_not(cli, home_dir):
     cli("endpoint", "forget", "EP-1")
     (entry,) = cli.json("log")
     assert (entry["action"], entry["type"]) == ("endpoint.forget", None)
-    assert entry["detail"] == {"endpoints": ["EP-1"], "peripherals": ["CAM-1"], "stale": None}
+    assert entry["detail"] == {
+        "endpoints": ["EP-1"], "peripherals": ["CAM-1"], "stale": None, "prefix": None
+    }

@@ -96,7 +96,7 @@ def test_show_and_remove_unknown_package(cli):
         assert "No package Trio 9.9" in result.stderr
 
 
-def test_bad_inputs_are_one_line_errors(cli, make_file, tmp_path):
+def test_bad_inputs_are_one_line_errors(cli, home, make_file, tmp_path):
     f = make_file(b"x")
     cases = [
         (
@@ -126,7 +126,7 @@ def test_usage_error_exits_2(cli, make_file):
     cli("package", "frobnicate", code=2)
 
 
-def test_quiet_suppresses_confirmation(cli, make_file):
+def test_quiet_suppresses_confirmation(cli, home, make_file):
     result = cli("--quiet", "package", "add", make_file(b"q"), "--type", "Trio", "--version", "1")
     assert result.stderr == "" and result.stdout == ""
 

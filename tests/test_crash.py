@@ -227,6 +227,7 @@ def test_full_disk_fails_cleanly_and_keeps_nothing(tmp_path: Path):
     source = tmp_path / "pkg.bin"
     _write_random(source, 16 << 20)
     home = tmp_path / "home"
+    open_home(home).close()  # an existing home: a new one is announced on a line of its own
     done = subprocess.run(
         _add_command(home, source, "1.0"),
         env=_env(),

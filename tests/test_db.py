@@ -171,3 +171,34 @@ def test_not_a_database_is_a_clear_error(tmp_path):
     (tmp_path / DB_NAME).write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StorageError, match="Cannot open the database"):
         open_db(tmp_path)
+
+
+def test_a_fleet_recorded_before_last_answers_upgrades_with_its_endpoints(tmp_path):
+    """A home at 0005 (issue 12's release) with devices upgrades; their answers start unknown."""
+    names = [m.name for m in migrations._migrations]
+    db = sqlite_utils.Database(tmp_path / DB_NAME)
+    migrations.apply(db, stop_before=names[names.index("0006_last_answer") :])
+    db.executescript(
+        """
+        INSERT INTO endpoints (serial, type, type_key, version, first_seen, last_poll,
+                               last_report, report_state, report_version, bucket)
+            VALUES ('8211ABC', 'GroupSeries', 'groupseries', '6.2.1', '2026-11-01T08:00:00Z',
+                    '2026-12-01T08:00:00Z', '2026-12-01T08:05:00Z', 'failed', '6.2.2', 4711);
+        INSERT INTO endpoint_history (serial, at, event, version)
+            VALUES ('8211ABC', '2026-11-01T08:00:00Z', 'first-seen', '6.2.1');
+        """
+    )
+    db.close()
+
+    upgraded = open_db(tmp_path)
+
+    assert not migrations.pending(upgraded)
+    row = upgraded.execute(
+        "SELECT serial, version, last_poll, report_state, bucket, last_reason, retry_at"
+        " FROM endpoints"
+    ).fetchall()
+    assert row == [("8211ABC", "6.2.1", "2026-12-01T08:00:00Z", "failed", 4711, None, None)]
+    assert upgraded.execute("SELECT count(*) FROM endpoint_history").fetchone() == (1,)
+    indexes = {r[1] for r in upgraded.execute("PRAGMA index_list(endpoints)")}
+    assert "endpoints_window" in indexes
+    upgraded.close()

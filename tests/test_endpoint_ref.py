@@ -527,6 +527,22 @@ def test_poll_response_ignores_unknown_parts():
     assert endpoint.device.status == "not-polled"
 
 
+def test_the_installer_gets_the_activation_key_of_the_offer(server, tmp_path):
+    publish(server, tmp_path, "Keyed", "2.0", os.urandom(3_000))
+    keys = tmp_path / "keys.csv"
+    keys.write_text("serial,version,key\nKEYED-1,2.0,7H2Q-KD9L-PP3X\n")
+    admin(server, "key", "import", keys)
+    given = {}
+
+    async def installer(device, offer, path):
+        given[device.serial] = offer.activation_key
+
+    for serial in ("KEYED-1", "KEYED-2"):  # the second has no key
+        endpoint = Endpoint(serial, "Keyed", "1.0", workdir=tmp_path / serial, installer=installer)
+        run(endpoint.poll_once(client_for(server)))
+    assert given == {"KEYED-1": "7H2Q-KD9L-PP3X", "KEYED-2": None}
+
+
 def test_an_install_that_raises_is_reported_failed_with_its_reason(server, tmp_path):
     publish(server, tmp_path, "BadInstall", "2.0", os.urandom(5_000))
     exchanges: list[Exchange] = []

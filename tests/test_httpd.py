@@ -126,7 +126,7 @@ class Running:
         return asyncio.run_coroutine_threadsafe(self.server.close(), self.loop)
 
     def stop(self) -> None:
-        if self._thread.is_alive() and not self.server.closing:
+        if self._thread.is_alive() and not self.server.state.closing:
             self.close_soon().result(timeout=20)
         self._thread.join(timeout=20)
         assert not self._thread.is_alive()
@@ -233,7 +233,7 @@ def test_keepalive_requests_share_one_connection(serve, client_tls, loop):
         ports.add(document["client"][1])
     conn.close()
     assert len(ports) == 1
-    assert running.server.requests == 5
+    assert running.server.state.requests == 5
 
 
 def test_request_fields_are_passed_raw(serve, client_tls):
@@ -500,7 +500,7 @@ def test_a_client_that_never_reads_is_dropped(serve, big_file, client_tls, tmp_p
     raw.connect(("127.0.0.1", running.port))
     with client_tls.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
         sock.sendall(b"GET /packages/sparse HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert wait_for(lambda: running.server.timeouts == 1, 10)
+        assert wait_for(lambda: running.server.state.timeouts == 1, 10)
         assert wait_for(lambda: running.server.connections == 0)
 
 
@@ -562,16 +562,16 @@ MANY_HEADERS = b"".join(b"X-H%d: v\r\n" % i for i in range(150))
             b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"5\r\nhello\r\n0\r\n\r\n",
             411,
-            "invalid-request",
+            "length-required",
             "Content-Length",
         ),
         (
             b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
             411,
-            "invalid-request",
+            "length-required",
             "Transfer-Encoding",
         ),
-        (b"POST /p HTTP/1.1\r\nHost: x\r\n\r\n", 411, "invalid-request", "Content-Length"),
+        (b"POST /p HTTP/1.1\r\nHost: x\r\n\r\n", 411, "length-required", "Content-Length"),
         (
             b"POST /p HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
             400,
@@ -628,8 +628,8 @@ def test_limits_answer_an_xml_error_and_close(serve, connect, monkeypatch, raw, 
     assert error.get("code") == code
     assert says in error.get("message")
     assert closed_within(sock, 3) is not None
-    assert running.server.rejected == 1
-    assert running.server.requests == 0  # the app never saw it
+    assert running.server.state.rejected == 1
+    assert running.server.state.requests == 0  # the app never saw it
     assert len(lines) == 1 and f" {status} " in lines[0]
 
 
@@ -656,7 +656,7 @@ def test_a_custom_error_body(serve, connect):
 
     sock = connect(serve(error_body=error_body))
     sock.sendall(b"POST /p HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert read_response(sock.makefile("rb"))[2] == b"411 invalid-request"
+    assert read_response(sock.makefile("rb"))[2] == b"411 length-required"
 
 
 # ---------------------------------------------------------------------------
@@ -681,7 +681,7 @@ def test_slowloris_is_cut_off_by_the_whole_request_deadline(serve, connect, loop
             break
     assert closed_after is not None
     assert 0.8 < closed_after < 1.6
-    assert running.server.timeouts == 1
+    assert running.server.state.timeouts == 1
 
 
 def _partial_client_hello() -> bytes:

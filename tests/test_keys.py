@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from dynupdate.core.keys import import_keys, key_for
+from dynupdate.core import keys
+from dynupdate.core.keys import import_keys, key_for, remembered_key
 
 HEADER = "serial,version,key\n"
 
@@ -134,6 +135,22 @@ def test_a_large_import_is_one_transaction(home, tmp_path):
     assert len(json.loads(entry[0])["added"]) == 20_000
     assert key_for(home.db, "S012345", "6.2.2.0") == "K12345"
     assert key_for(home.db, "S012345", "6.2.3") is None
+
+
+def test_remembered_keys_are_read_once_and_bounded(home, csv_file, monkeypatch):
+    import_keys(home.db, csv_file(HEADER + "S1,6.2.2,K1\nS2,6.2.2,K2\nS3,6.2.2,K3\n"))
+    memo: dict = {}
+    assert remembered_key(memo, home.db, "S1", "6.2.2") == "K1"
+    assert remembered_key(memo, home.db, "S9", "6.2.2") is None  # a miss is remembered too
+    # Read once: the memo answers even after the row has gone (the server drops the
+    # memo with its fleet state when keys change; this shows it is not read again).
+    with home.db.conn:
+        home.db.conn.execute("DELETE FROM activation_keys WHERE serial = 'S1'")
+    assert remembered_key(memo, home.db, "S1", "6.2.2") == "K1"
+    monkeypatch.setattr(keys, "KEYS_REMEMBERED", 3)
+    assert remembered_key(memo, home.db, "S2", "6.2.2") == "K2"  # the third pair
+    assert remembered_key(memo, home.db, "S3", "6.2.2") == "K3"  # full: forgotten, then read
+    assert memo == {("S3", "6.2.2"): "K3"}
 
 
 # Over real HTTPS ---------------------------------------------------------------------------

@@ -23,6 +23,8 @@ import trustme
 from helpers import ServerProcess
 from lxml import etree
 
+from dynupdate.core.home import open_home
+
 ENDPOINT = "8211ABC"  # the serial in the endpoint's certificate (CN)
 OTHER = "9300XYZ"  # another endpoint, with its own certificate
 ALIAS = "sn-4711"  # a serial given only as a SAN (trustme writes SANs in lower case)
@@ -315,6 +317,7 @@ def test_a_report_right_after_a_peripherals_first_poll_is_accepted(bound, pki):
 
 def serve_fails(home: Path, *args: str) -> subprocess.CompletedProcess:
     """``dynupdate serve`` that must refuse to start: a server that starts is killed and fails."""
+    open_home(home).close()  # an existing home: a new one is announced on a line of its own
     command = [sys.executable, "-m", "dynupdate", "--home", str(home), "serve",
                "--host", "127.0.0.1", "--port", "0", "--workers", "1", *args]  # fmt: skip
     try:

@@ -321,9 +321,27 @@ class TestDownloads:
         assert status == 206 and data == content[:10]
 
     @pytest.mark.parametrize(
+        "spelling", [str.upper, lambda sha: sha[:32].upper() + sha[32:]], ids=["upper", "mixed"]
+    )
+    def test_a_hash_in_upper_or_mixed_case_gets_the_same_file(self, server, package, spelling):
+        sha, content = package
+        path = f"/packages/{spelling(sha)}"
+        status, headers, data = server.request("GET", path)
+        assert status == 200 and data == content
+        assert headers["ETag"] == f'"{sha}"'  # the canonical name, whatever the spelling
+        status, headers, _ = server.request("HEAD", path)
+        assert status == 200 and int(headers["Content-Length"]) == len(content)
+        # A download begun under one spelling resumes under another: one ETag.
+        status, _, data = server.request(
+            "GET", path, headers={"Range": "bytes=1000-", "If-Range": f'"{sha}"'}
+        )
+        assert status == 206 and data == content[1000:]
+
+    @pytest.mark.parametrize(
         "path",
         [
             "/packages/" + "0" * 64,
+            "/packages/" + "A" * 63 + "G",
             "/packages/abc",
             "/packages/../dynupdate.db",
             "/packages/%2e%2e/dynupdate.db",

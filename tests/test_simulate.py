@@ -96,6 +96,11 @@ def test_rollout_of_300_endpoints_reaches_100_percent(start_server, tmp_path):
     endpoints = cli_json(home, "endpoint", "list")
     assert len(endpoints) == 300
     assert {(e["report_state"], e["status"]) for e in endpoints} == {("installed", "up-to-date")}
+    # The devices stay in the server's fleet: simulate says so, and how to remove them.
+    assert "register in the server's database" in result.stderr
+    assert "dynupdate endpoint forget --prefix SIM" in result.stderr
+    assert cli(home, "endpoint", "forget", "--prefix", "SIM").stderr.startswith("Forgot 300 ")
+    assert cli_json(home, "endpoint", "list") == []
 
 
 @pytest.mark.slow
@@ -126,6 +131,7 @@ def test_closed_window_holds_the_fleet_and_opening_it_moves_everyone(start_serve
         dry_run = await loop.run_in_executor(None, cli_json, home, *window, "--dry-run")
         [overview] = await loop.run_in_executor(None, cli_json, home, "overview")
         assert overview["counts"]["pending"] == 300 and overview["on_target_percent"] == 0
+        assert overview["pending_for_window"] == 300 and overview["window_open"] is False
         assert dry_run["totals"]["offered_now"] == 300 and dry_run["totals"]["changed"] == 300
         await loop.run_in_executor(
             None, cli, home, "window", "set", "--start", hhmm(opened[0]), "--duration", opened[1]

@@ -125,4 +125,7 @@ def home_of(ctx: typer.Context) -> Home:
     state = state_of(ctx)
     if state.home is None:
         state.home = open_home(state.home_path)
+        if state.home.created:
+            # Even with --quiet: a cron job or sudo with another $HOME lands here.
+            stderr.print(literal(f"Created a new home at {state.home.path}"))
     return state.home

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import typer
 
 from dynupdate.cli._app import home_of, state_of
 from dynupdate.cli._output import JSON, TYPE_FILTER, emit_list, emit_object, say, stdout
+from dynupdate.cli._types import warn_if_no_devices
 from dynupdate.core.attempts import retry_device
 from dynupdate.core.durations import parse_duration
 from dynupdate.core.endpoints import get_endpoint, list_endpoints
 from dynupdate.core.errors import InvalidInput
 from dynupdate.core.fleet import STATUSES, load_fleet_state
 from dynupdate.core.registry import forget_endpoints
-from dynupdate.core.times import utc_now
-from dynupdate.core.vocabulary import RolloutState, Status
+from dynupdate.core.times import parse_utc, utc_now
+from dynupdate.core.vocabulary import UPDATE_OFFERED, Reason, RolloutState, Status
+from dynupdate.core.windows import Window, current_opening, next_opening
 
 app = typer.Typer(help="Endpoints and peripherals: version, target, update status, history.")
 
@@ -41,7 +45,9 @@ def list_(
     ),
     version: str | None = typer.Option(None, "--version", help="Only devices on this version."),
     stale: str | None = typer.Option(
-        None, "--stale", help="Only devices that have not polled for this long, e.g. 2h, 7d."
+        None,
+        "--stale",
+        help="Only devices not heard from (no poll, no report) for this long, e.g. 2h, 7d.",
     ),
     as_json: bool = JSON,
 ) -> None:
@@ -53,9 +59,11 @@ def list_(
         type_=type_,
         status=status,
         version=version,
-        stale=parse_duration(stale) if stale else None,
+        stale=parse_duration(stale) if stale is not None else None,
         now=utc_now(),
     )
+    if type_ is not None and not rows:
+        warn_if_no_devices(home.db, type_)
     emit_list(rows, COLUMNS, as_json=as_json, empty="No endpoints match.")
 
 
@@ -63,12 +71,14 @@ def list_(
 def show(ctx: typer.Context, serial: str = typer.Argument(...), as_json: bool = JSON) -> None:
     """One endpoint's software update details, peripherals and recent history."""
     home = home_of(ctx)
-    data = get_endpoint(home.db, load_fleet_state(home.db), serial)
+    fleet = load_fleet_state(home.db)
+    data = get_endpoint(home.db, fleet, serial)
     if as_json:
         emit_object(data, as_json=True)
         return
     shown = {key: value for key, value in data.items() if key != "rollout"}
     shown["rollout"] = rollout_in_words(data)
+    shown["last_answer"] = answer_in_words(data, fleet.window, utc_now())
     emit_object(shown, as_json=False, title=f"Endpoint {serial}")
     if data["peripherals"]:
         emit_list(data["peripherals"], COLUMNS, as_json=False, title="Peripherals")
@@ -121,6 +131,63 @@ def rollout_in_words(data: dict) -> str | None:
     return f"{head}: staged until {own_wave}{tried}"
 
 
+def _utc(text: str | datetime) -> str:
+    moment = parse_utc(text) if isinstance(text, str) else text
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+# What each answer means for the admin, after the reason itself.
+_MEANING = {
+    Reason.IN_CALL: "the update waits for its first poll out of a call",
+    Reason.STAGED: "the rollout has not opened its wave (see rollout)",
+    Reason.RATE_LIMITED: "the rollout's --max-in-flight or --max-per-hour was full",
+    Reason.NO_POLICY: "its type has no active policy",
+    Reason.UP_TO_DATE: "nothing to install",
+}
+
+
+def answer_in_words(data: dict, window: Window | None, now: datetime) -> str:
+    """What the device's last poll was told and why it waits, as an admin says it.
+
+    >>> from dynupdate.core.windows import make_window
+    >>> window = make_window("mon-fri", "22:00", "4h", "Europe/Berlin")
+    >>> device = {"serial": "A", "status": "pending", "tz": None, "offered_version": None,
+    ...           "last_reason": "outside-window", "retry_at": "2026-12-02T21:37:12Z"}
+    >>> answer_in_words(device, window, parse_utc("2026-12-02T12:00:00Z"))
+    'outside-window: waiting for the maintenance window: next opening 2026-12-02 21:00 UTC; \
+told to poll again at 2026-12-02 21:37 UTC'
+    """
+    reason, retry = data["last_reason"], data["retry_at"]
+    if reason is None:
+        return "none recorded: its last poll came before dynupdate recorded answers"
+    if retry is None:
+        again = ""
+    elif parse_utc(retry) > now:
+        again = f"; told to poll again at {_utc(retry)}"
+    else:  # any poll since would have replaced it
+        again = f"; told to poll again at {_utc(retry)}, not heard from since"
+    if reason == UPDATE_OFFERED:
+        meaning = f"offered {data['offered_version']} at its last poll"
+    elif reason == Reason.UP_TO_DATE:
+        meaning = _MEANING[reason]
+    elif data["status"] == Status.UP_TO_DATE:
+        meaning = "up to date now: nothing to wait for"
+    elif reason == Reason.OUTSIDE_WINDOW:
+        if window is None:
+            meaning = "it was outside the maintenance window, since cleared"
+        elif opening := current_opening(window, now, data["tz"]):
+            until = _utc(opening[1])
+            meaning = f"waiting for its time in the maintenance window, open until {until}"
+        else:
+            start, _ = next_opening(window, now, data["tz"])
+            meaning = f"waiting for the maintenance window: next opening {_utc(start)}"
+    elif reason == Reason.HELD:
+        meaning = f"its attempts are used up: dynupdate endpoint retry {data['serial']}"
+    else:
+        meaning = _MEANING.get(reason, "")
+    return f"{reason}: {meaning}{again}" if meaning else f"{reason}{again}"
+
+
 @app.command("forget")
 def forget(
     ctx: typer.Context,
@@ -130,18 +197,27 @@ def forget(
     stale: str | None = typer.Option(
         None, "--stale", help="Every device with neither a poll nor a report for this long: 90d."
     ),
+    prefix: str | None = typer.Option(
+        None, "--prefix", help="Every device whose serial starts with this: a rehearsal's SIM."
+    ),
 ) -> None:
     """Remove endpoints and their history; their peripherals go with them.
 
-    Example: dynupdate endpoint forget 8211ABC, or dynupdate endpoint forget --stale 90d
+    Example: dynupdate endpoint forget 8211ABC, dynupdate endpoint forget --stale 90d,
+    or dynupdate endpoint forget --prefix SIM
     """
-    if bool(serials) == (stale is not None):
-        raise InvalidInput("Name the serials to forget, or give --stale D, not both.")
+    if bool(serials) == (stale is not None or prefix is not None):
+        raise InvalidInput("Name the serials to forget, or give --stale D and/or --prefix P.")
     home = home_of(ctx)
-    if stale is not None:
-        gone = forget_endpoints(home.db, stale=parse_duration(stale), now=utc_now())
+    if serials:
+        gone = forget_endpoints(home.db, serials)
     else:
-        gone = forget_endpoints(home.db, serials or [])
+        gone = forget_endpoints(
+            home.db,
+            stale=parse_duration(stale) if stale is not None else None,
+            prefix=prefix,
+            now=utc_now(),
+        )
     endpoints, peripherals = len(gone.endpoints), len(gone.peripherals)
     say(
         f"Forgot {endpoints} endpoint{'' if endpoints == 1 else 's'} and {peripherals}"

@@ -126,7 +126,7 @@ def _verify(db: sqlite_utils.Database, as_json: bool, *, quiet: bool) -> None:
         newest = f", the newest is #{result.entries} (its SHA-256 above)" if result.entries else ""
         say(f"Audit log intact: {result.entries} entries{newest}.", quiet=quiet)
     else:
-        message = f"Audit log broken at entry {result.first_bad}: {result.problem}."
+        message = f"Audit log broken at entry {result.first_bad_id}: {result.problem}."
         stderr.print(message, markup=False, highlight=False)
     if not result.intact:
         raise typer.Exit(ATTENTION)

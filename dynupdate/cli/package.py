@@ -19,6 +19,7 @@ from rich.progress import (
 import dynupdate.cli.rollout as rollout_cli
 from dynupdate.cli._app import home_of, state_of
 from dynupdate.cli._output import JSON, TYPE_FILTER, emit_list, emit_object, say, stderr, visible
+from dynupdate.cli._types import new_type_notice
 from dynupdate.core.gates import RolloutOptions
 from dynupdate.core.packages import (
     Package,
@@ -28,7 +29,7 @@ from dynupdate.core.packages import (
     remove_package,
 )
 from dynupdate.core.rollout_records import Rollout
-from dynupdate.core.rollouts import add_and_start
+from dynupdate.core.rollouts import StartOnImport
 
 app = typer.Typer(help="Software packages: one image per device type and version.")
 
@@ -86,17 +87,14 @@ def add(
     if rollout:
         # Refused options are refused before the import, not after hashing gigabytes.
         RolloutOptions().given(**given)
+    new_type = new_type_notice(home.db, type_)  # known before the import makes it known
 
     def run(progress: Callable[[int], None] | None) -> tuple[Package, bool, Rollout | None]:
-        if rollout:
-            return add_and_start(
-                home.db, home.store, file, type_, version, description, given=given,
-                progress=progress,
-            )  # fmt: skip
+        start = StartOnImport(given) if rollout else None
         package, created = add_package(
-            home.db, home.store, file, type_, version, description, progress=progress
+            home.db, home.store, file, type_, version, description, progress=progress, then=start
         )
-        return package, created, None
+        return package, created, start.started if start else None
 
     if sys.stderr.isatty():
         total = file.stat().st_size if file.is_file() else None
@@ -115,6 +113,9 @@ def add(
         package, created, started = run(None)
     if as_json:
         emit_object(package.to_dict(), as_json=True)
+    if created and new_type is not None:
+        notice, warning = new_type
+        say(notice, quiet=state_of(ctx).quiet and not warning)
     verb = "Added" if created else "Already present:"
     blocked = " (blocked: a rollout of its type is active)" if package.blocked else ""
     say(
@@ -132,11 +133,7 @@ def add(
 
 
 @app.command("list")
-def list_(
-    ctx: typer.Context,
-    type_: str | None = TYPE_FILTER,
-    as_json: bool = JSON,
-) -> None:
+def list_(ctx: typer.Context, type_: str | None = TYPE_FILTER, as_json: bool = JSON) -> None:
     """The packages view: type, version, name, size, SHA-256, upload time, description."""
     rows = [p.to_dict() for p in list_packages(home_of(ctx).db, type_)]
     emit_list(rows, COLUMNS, as_json=as_json, empty="No packages. Add one: dynupdate package add")

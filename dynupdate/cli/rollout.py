@@ -13,7 +13,16 @@ from rich.table import Table
 from rich.text import Text
 
 from dynupdate.cli._app import home_of, state_of
-from dynupdate.cli._output import TYPE_FILTER, emit_list, emit_object, literal, say, stderr, stdout
+from dynupdate.cli._output import (
+    JSON,
+    TYPE_FILTER,
+    emit_list,
+    emit_object,
+    literal,
+    say,
+    stderr,
+    stdout,
+)
 from dynupdate.core import rollout_records, rollouts
 from dynupdate.core.durations import parse_duration
 from dynupdate.core.gates import RolloutOptions
@@ -24,7 +33,6 @@ from dynupdate.core.waves import format_percent
 
 app = typer.Typer(help="Staged rollouts: a new version wave by wave, halting by itself.")
 
-JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 TYPE = typer.Argument(..., metavar="TYPE", help="The device type, e.g. GroupSeries.")
 
 # Every option of a start, shared with `package add --rollout`: None means not given.
@@ -193,11 +201,7 @@ def abort(ctx: typer.Context, type_: str = TYPE) -> None:
 
 
 @app.command("list")
-def list_(
-    ctx: typer.Context,
-    type_: str | None = TYPE_FILTER,
-    as_json: bool = JSON,
-) -> None:
+def list_(ctx: typer.Context, type_: str | None = TYPE_FILTER, as_json: bool = JSON) -> None:
     """Every rollout, newest first."""
     rows = [_row(s) for s in rollout_records.list_rollouts(home_of(ctx).db, type_)]
     if as_json:

@@ -9,6 +9,7 @@ import typer
 from dynupdate.cli._app import state_of
 from dynupdate.cli._output import say
 from dynupdate.core.durations import parse_seconds
+from dynupdate.server.logs import LogFormat
 
 
 def serve(
@@ -65,12 +66,27 @@ def serve(
         "--access-log/--no-access-log",
         help="One line per request on stderr (failed connections are logged either way).",
     ),
+    log_format: LogFormat = typer.Option(
+        LogFormat.TEXT,
+        "--log-format",
+        help="text: one line per event led by its UTC time; json: one JSON object per line.",
+    ),
+    metrics: str | None = typer.Option(
+        None,
+        "--metrics",
+        metavar="[HOST:]PORT",
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP; PORT or :PORT: "
+        "on 127.0.0.1).",
+    ),
 ) -> None:
     """Serve endpoints over HTTPS: polls, status reports and package downloads.
+
+    SIGHUP re-reads --cert and --key (a renewed certificate) without dropping connections.
 
     Example: dynupdate serve --port 8443 --public-url https://updates.example.com
     """
     from dynupdate.serve import ServeConfig, run_server
+    from dynupdate.server.metered import parse_address
 
     config = ServeConfig(
         host=host,
@@ -89,6 +105,8 @@ def serve(
         max_per_client=max_per_client or None,
         request_timeout=parse_seconds(request_timeout, "--request-timeout", least=1, most=3600),
         access_log=access_log,
+        log_format=log_format.value,
+        metrics=parse_address(metrics) if metrics is not None else None,
     )
     state = state_of(ctx)
     run_server(state.home_path, config, say=say, quiet=state.quiet)

@@ -123,7 +123,14 @@ def simulate(
             seed=seed,
             workdir=Path(work),
         )
-        summary = asyncio.run(_run(simulation, until_done, limit))
+        # Even with --quiet: a rehearsal against the production server stays in its fleet.
+        warning = (
+            f"Warning: these {endpoints} virtual endpoints"
+            f"{' and their peripherals' if peripherals else ''} register in the server's"
+            f" database like real devices (serials {prefix}…); remove them after the rehearsal:"
+            f" dynupdate endpoint forget --prefix {prefix}"
+        )
+        summary = asyncio.run(_run(simulation, until_done, limit, warning))
     if as_json:
         emit_object(summary, as_json=True)
     else:
@@ -143,14 +150,20 @@ def _flat(row: dict) -> dict:
     return {**{k: v for k, v in row.items() if k != "counts"}, **row["counts"]}
 
 
-async def _run(simulation: Simulation, until_done: bool, limit: float | None) -> dict:
-    """Run with a live view on a terminal; Ctrl-C stops it and still gives the summary."""
+async def _run(
+    simulation: Simulation, until_done: bool, limit: float | None, warning: str
+) -> dict:
+    """Run with a live view on a terminal; Ctrl-C stops it and still gives the summary.
+
+    ``warning`` is said once the server answered, before any device polls.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         loop.add_signal_handler(signal.SIGINT, stop.set)
     try:
         await simulation.client.probe()  # a wrong URL or trust fails once, clearly
+        say(warning)
         if not stderr.is_terminal:
             return await simulation.run(until_done=until_done, duration=limit, stop=stop)
         with Live(_view(simulation), console=stderr, auto_refresh=False, transient=True) as live:

@@ -2,45 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import typer
 
 from dynupdate.cli._app import home_of, state_of
 from dynupdate.cli._output import DRY_RUN, JSON, emit_object, emit_rehearsal, say
-from dynupdate.core.maintenance import clear_window, load_window, save_window
+from dynupdate.core.maintenance import clear_window, load_window, save_window, window_view
 from dynupdate.core.rehearsal import rehearse_window
-from dynupdate.core.times import format_utc, utc_now
-from dynupdate.core.windows import Window, current_opening, make_window, next_opening
+from dynupdate.core.times import utc_now
+from dynupdate.core.windows import make_window
 
 app = typer.Typer(help="The maintenance window: updates are offered only inside it.")
-
-
-def _view(window: Window | None) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "set": window is not None,
-        "days": None,
-        "start": None,
-        "duration_minutes": None,
-        "tz": None,
-        "open_now": None,
-        "current_opening": None,
-        "next_opening": None,
-    }
-    if window is None:
-        return data
-    now = utc_now()
-    data |= window.to_dict()
-    # On endpoint clocks each device has its own openings; these are those
-    # of an endpoint on UTC, the clock of one that sends no zone.
-    current = current_opening(window, now)
-    start, end = next_opening(window, now)
-    data["open_now"] = current is not None
-    data["current_opening"] = (
-        {"start": format_utc(current[0]), "end": format_utc(current[1])} if current else None
-    )
-    data["next_opening"] = {"start": format_utc(start), "end": format_utc(end)}
-    return data
 
 
 @app.command("set")
@@ -68,7 +39,7 @@ def set_(
         emit_rehearsal(rehearse_window(home_of(ctx).db, window), as_json=as_json)
         return
     window = save_window(home_of(ctx).db, window)
-    view = _view(window)
+    view = window_view(window, utc_now())
     if as_json:
         emit_object(view, as_json=True)
     opening = view["next_opening"]
@@ -83,7 +54,7 @@ def set_(
 @app.command("show")
 def show(ctx: typer.Context, as_json: bool = JSON) -> None:
     """The window and its next opening (UTC); 'set: no' means updates any time."""
-    emit_object(_view(load_window(home_of(ctx).db)), as_json=as_json)
+    emit_object(window_view(load_window(home_of(ctx).db), utc_now()), as_json=as_json)
 
 
 @app.command("clear")

@@ -32,7 +32,7 @@ from dynupdate.core.rollout_records import (
 )
 from dynupdate.core.times import format_utc, parse_utc, utc_now
 from dynupdate.core.trial import trial_serials
-from dynupdate.core.versions import same_version, version_key
+from dynupdate.core.versions import at_least, same_version
 from dynupdate.core.vocabulary import ReportState, RolloutState
 from dynupdate.core.waves import bucket, parse_waves
 
@@ -243,12 +243,9 @@ def note_devices(
     """
     if not db.conn.in_transaction:
         raise RuntimeError("note_devices needs the write transaction of the polls or report")
-    rollout = load_rollout(db, rollout_id)
-    target = version_key(rollout.version)
-    stamp = format_utc(now)
-    failed = False
     # Most polls are of devices never offered V: one lookup for all of them, then
-    # a row read only for those the rollout tracks.
+    # a row read only for those the rollout tracks, and the whole rollout (its
+    # options, for the halt rules) only once an attempt fails.
     tracked = {
         row[0]
         for row in db.execute(
@@ -257,6 +254,11 @@ def note_devices(
             (rollout_id, json.dumps([item.serial for item in seen])),
         )
     }
+    if not tracked:
+        return None
+    (version,) = db.execute("SELECT version FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+    rollout: Rollout | None = None
+    stamp = format_utc(now)
     for item in seen:
         if item.serial not in tracked:
             continue
@@ -269,7 +271,7 @@ def note_devices(
             continue  # never offered V in this rollout: nothing to verify
         _attempts, open_at, installed_at, succeeded_at, said_at = row
         at = (item.at or now).timestamp()
-        newer = version_key(item.version) >= target
+        newer = at_least(item.version, version)
         if item.state is None:  # a poll: the device says what it runs
             if newer and succeeded_at is None:
                 _succeed(db, rollout_id, item.serial, stamp, at)
@@ -280,19 +282,19 @@ def note_devices(
                 # late by another worker's writer) says nothing of what came after.
                 and (said_at is None or at > said_at)
             ):
+                rollout = rollout or load_rollout(db, rollout_id)
                 fail_attempt(db, rollout, item.serial, f"reverted to {item.version}", now)
-                failed = True
-        elif open_at is not None and same_version(item.version, rollout.version):
+        elif open_at is not None and same_version(item.version, version):
             if item.state == ReportState.FAILED:
+                rollout = rollout or load_rollout(db, rollout_id)
                 fail_attempt(db, rollout, item.serial, item.detail or "failed", now)
-                failed = True
             elif item.state == ReportState.INSTALLED:
                 db.execute(
                     "UPDATE rollout_devices SET installed_at = ?, said_at = max(?, coalesce("
                     "said_at, 0)) WHERE rollout_id = ? AND serial = ?",
                     (stamp, at, rollout_id, item.serial),
                 )
-    return halt_if_failing(db, rollout, now) if failed else None
+    return None if rollout is None else halt_if_failing(db, rollout, now)
 
 
 def _succeed(

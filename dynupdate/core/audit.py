@@ -29,7 +29,7 @@ import os
 import pwd
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -98,16 +98,7 @@ class Entry:
 
     def to_dict(self) -> dict[str, Any]:
         """The keys of ``log --json`` (SPEC section 7), plus the chain's two hashes."""
-        return {
-            "id": self.id,
-            "time": self.time,
-            "actor": self.actor,
-            "action": self.action,
-            "type": self.type,
-            "detail": self.detail,
-            "prev": self.prev,
-            "sha256": self.sha256,
-        }
+        return asdict(self)
 
 
 def _json(value: Any) -> str:
@@ -271,22 +262,16 @@ class Verification:
     """The outcome of :func:`verify`."""
 
     entries: int
-    first_bad: int | None  # the id of the first bad entry
+    first_bad_id: int | None
     problem: str | None
     newest_sha256: str | None  # to keep elsewhere: a log cut short shows here
 
     @property
     def intact(self) -> bool:
-        return self.first_bad is None
+        return self.first_bad_id is None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "intact": self.intact,
-            "entries": self.entries,
-            "first_bad_id": self.first_bad,
-            "problem": self.problem,
-            "newest_sha256": self.newest_sha256,
-        }
+        return {"intact": self.intact, **asdict(self)}
 
 
 def _rows(db: sqlite_utils.Database) -> Iterator[tuple[Any, ...]]:

@@ -12,21 +12,47 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import sqlite_utils
 from sqlite_utils import Migrations
 
-from dynupdate.core.errors import StorageError
+from dynupdate.core.errors import InvalidInput, StorageError
 from dynupdate.core.waves import bucket
 
-__all__ = ["DB_NAME", "connect", "migrations", "open_db", "write"]
+__all__ = [
+    "AUTOCHECKPOINT_ENV",
+    "DB_NAME",
+    "connect",
+    "migrations",
+    "open_db",
+    "wal_autocheckpoint",
+    "write",
+]
 
 DB_NAME = "dynupdate.db"
 BUSY_TIMEOUT_MS = 15_000
+# Replication tools such as Litestream want to be the only process that checkpoints
+# the WAL (docs/high-availability.md): this variable sets what every connection of
+# dynupdate (server and CLI) leaves to them.
+AUTOCHECKPOINT_ENV = "DYNUPDATE_WAL_AUTOCHECKPOINT"
 
 migrations = Migrations("dynupdate")
+
+
+def _count_changes(db: sqlite_utils.Database, *tables: str) -> None:
+    """Triggers moving config_generation on every insert, update and delete in ``tables``.
+
+    Shipped migrations call this: what it writes must never change
+    (tests/test_schema.py pins the schema each migration leaves).
+    """
+    for table in tables:
+        for event in ("INSERT", "UPDATE", "DELETE"):
+            db.execute(
+                f"CREATE TRIGGER {table}_{event.lower()}_generation AFTER {event} ON {table} "
+                "BEGIN UPDATE config_generation SET generation = generation + 1; END"
+            )
 
 
 @migrations(name="0001_packages_policies_window")
@@ -70,12 +96,7 @@ def _m0001(db: sqlite_utils.Database) -> None:
         INSERT INTO config_generation (id, generation) VALUES (1, 0);
         """
     )
-    for table in ("packages", "policies", "maintenance_window"):
-        for event in ("INSERT", "UPDATE", "DELETE"):
-            db.execute(
-                f"CREATE TRIGGER {table}_{event.lower()}_generation AFTER {event} ON {table} "
-                "BEGIN UPDATE config_generation SET generation = generation + 1; END"
-            )
+    _count_changes(db, "packages", "policies", "maintenance_window")
 
 
 @migrations(name="0002_endpoints_history")
@@ -237,16 +258,56 @@ def _m0005(db: sqlite_utils.Database) -> None:
     # devices: the server's cached fleet state must notice, as for policies.
     # Polls look an activation key up only when the fleet state says some exist:
     # importing or removing keys moves the generation too.
-    for table in ("rollouts", "trial_devices", "activation_keys"):
-        for event in ("INSERT", "UPDATE", "DELETE"):
-            db.execute(
-                f"CREATE TRIGGER {table}_{event.lower()}_generation AFTER {event} ON {table} "
-                "BEGIN UPDATE config_generation SET generation = generation + 1; END"
-            )
+    _count_changes(db, "rollouts", "trial_devices", "activation_keys")
+
+
+@migrations(name="0006_last_answer")
+def _m0006(db: sqlite_utils.Database) -> None:
+    # What each device's last poll was told: the reason of its answer ('update'
+    # when it was offered one) and the retryAt it was given, so an admin sees why
+    # it waits. NULL until its first poll answered by a server that records them.
+    # The partial index covers the overview's count of devices waiting for the
+    # window without a table scan; polls leave it alone while their answer keeps
+    # its reason (see dynupdate.core.registry.record_polls).
+    db.executescript(
+        """
+        ALTER TABLE endpoints ADD COLUMN last_reason TEXT;
+        ALTER TABLE endpoints ADD COLUMN retry_at TEXT;
+        CREATE INDEX endpoints_window
+            ON endpoints (type_key, version, report_state, report_version, bucket)
+            WHERE last_reason = 'outside-window';
+        """
+    )
+
+
+def wal_autocheckpoint(environ: Mapping[str, str] = os.environ) -> int | None:
+    """WAL pages after which a commit checkpoints, from ``$DYNUPDATE_WAL_AUTOCHECKPOINT``.
+
+    None when unset (SQLite's default, 1000 pages); 0 leaves every checkpoint
+    to another process.
+
+    >>> wal_autocheckpoint({}), wal_autocheckpoint({AUTOCHECKPOINT_ENV: "0"})
+    (None, 0)
+    >>> wal_autocheckpoint({AUTOCHECKPOINT_ENV: "-1"})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    dynupdate.core.errors.InvalidInput: DYNUPDATE_WAL_AUTOCHECKPOINT='-1' is not a number of ...
+    """
+    value = environ.get(AUTOCHECKPOINT_ENV)
+    if value is None or value == "":
+        return None
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) > 2**31 - 1:
+        raise InvalidInput(
+            f"{AUTOCHECKPOINT_ENV}={value!r} is not a number of WAL pages: give 0 "
+            "(checkpoints left to Litestream) up to 2147483647, or unset it."
+        )
+    return int(text)
 
 
 def connect(path: Path | str) -> sqlite_utils.Database:
     """Open the database file with the pragmas every connection needs."""
+    pages = wal_autocheckpoint()  # before opening: a bad value leaves nothing open
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
     db = sqlite_utils.Database(conn, execute_plugins=False)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -254,6 +315,8 @@ def connect(path: Path | str) -> sqlite_utils.Database:
     # NORMAL is durable against a process crash in WAL mode; FULL adds power-loss
     # durability for the few writes (package rows, reports) that must survive it.
     conn.execute("PRAGMA synchronous = FULL")
+    if pages is not None:
+        conn.execute(f"PRAGMA wal_autocheckpoint = {pages}")
     return db
 
 

@@ -1,13 +1,12 @@
-"""The fleet views: endpoints with their statuses (list, show) and per-type counts (overview).
+"""The fleet views: endpoints with their statuses (list, show).
 
-What devices say is recorded by :mod:`dynupdate.core.registry`.
+What devices say is recorded by :mod:`dynupdate.core.registry`; the per-type
+counts are :func:`dynupdate.core.overview.overview` (importable from here too).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,20 +16,21 @@ import sqlite_utils
 from dynupdate.core.decision import Standing
 from dynupdate.core.devices import type_key
 from dynupdate.core.errors import InvalidInput, NotFound
-from dynupdate.core.fleet import STATUSES, ActiveRollout, FleetState, PolicyView, TypeState
+from dynupdate.core.fleet import STATUSES, FleetState
+from dynupdate.core.overview import GROUP_TERM, SILENT, overview, reading
 from dynupdate.core.registry import HISTORY_LIMIT
-from dynupdate.core.rollout_records import COLUMNS, TRIAL_OF, Rollout, rollout_from_row
+from dynupdate.core.rollout_records import COLUMNS, Rollout, rollout_from_row
 from dynupdate.core.times import format_utc, utc_now
-from dynupdate.core.versions import same_version, version_key
-from dynupdate.core.vocabulary import RolloutState, Status
-from dynupdate.core.waves import ALL, BUCKETS, covers
+from dynupdate.core.versions import same_version
+from dynupdate.core.vocabulary import Status
+from dynupdate.core.waves import covers
 
 __all__ = ["get_endpoint", "list_endpoints", "overview"]
 
 _ENDPOINT_COLUMNS = (
     "e.serial, e.type, e.version, e.model, e.mac, e.tz, e.in_call, e.address, e.parent_serial,"
     " e.first_seen, e.last_poll, e.last_report, e.report_state, e.report_version,"
-    " e.report_detail, e.offered_version, e.offered_at, e.bucket"
+    " e.report_detail, e.offered_version, e.offered_at, e.last_reason, e.retry_at, e.bucket"
 )
 # Per device, its row in the active rollout of a type (NULLs without one); the
 # leading underscore marks what _endpoint_dict reads and drops.
@@ -128,9 +128,10 @@ def list_endpoints(
         where.append("e.type_key = ?")
         params.append(type_key(type_))
     if stale is not None:
-        where.append("(e.last_poll IS NULL OR e.last_poll < ?)")
-        params.append(format_utc((now or utc_now()) - stale))
-    with _reading(db):
+        cutoff = format_utc((now or utc_now()) - stale)
+        where.append(SILENT)
+        params.extend((cutoff, cutoff))
+    with reading(db):
         if status is not None or version is not None:
             # Status and version depend mostly on the (type, version, last report)
             # group of a row: pick the groups that can match from the covering
@@ -139,8 +140,8 @@ def list_endpoints(
             groups = _groups_matching(db, fleet, where, params, status, version)
             if not groups:
                 return []
-            if len(groups) <= _MAX_GROUP_TERMS:
-                where.append("(" + " OR ".join([_GROUP_TERM] * len(groups)) + ")")
+            if len(groups) <= _MAXGROUP_TERMS:
+                where.append("(" + " OR ".join([GROUP_TERM] * len(groups)) + ")")
                 params.extend(value for group in groups for value in group)
         sql = _select(fleet)
         if status == Status.HELD:
@@ -163,11 +164,9 @@ def list_endpoints(
     return rows
 
 
-# One (type, version, last report) group; IS, because report_* are NULL until a report.
-_GROUP_TERM = "(e.type_key = ? AND e.version = ? AND e.report_state IS ? AND e.report_version IS ?)"
 # SQLite nests an OR chain one level per term (at most 1000 levels): past this
 # many groups, the rows are filtered in Python only.
-_MAX_GROUP_TERMS = 200
+_MAXGROUP_TERMS = 200
 
 
 def _groups_matching(
@@ -193,19 +192,6 @@ def _groups_matching(
     return matching
 
 
-@contextlib.contextmanager
-def _reading(db: sqlite_utils.Database) -> Iterator[None]:
-    """One read transaction around several queries, so they see one state of the fleet."""
-    if db.conn.in_transaction:
-        yield
-        return
-    db.conn.execute("BEGIN")
-    try:
-        yield
-    finally:
-        db.conn.execute("COMMIT")
-
-
 def get_endpoint(db: sqlite_utils.Database, fleet: FleetState, serial: str) -> dict[str, Any]:
     """One device's software update details, its peripherals and recent history.
 
@@ -214,7 +200,7 @@ def get_endpoint(db: sqlite_utils.Database, fleet: FleetState, serial: str) -> d
     none there); ``admitted`` (during a rollout, else None) and ``rollout``,
     the rollout those count in (None when its type never had one).
     """
-    with _reading(db):
+    with reading(db):
         cursor = db.execute(_select(fleet) + " WHERE e.serial = ?", (serial,))
         names = [d[0] for d in cursor.description]
         row = cursor.fetchone()
@@ -286,191 +272,3 @@ def _shown(db: sqlite_utils.Database, fleet: FleetState, data: dict[str, Any]) -
             "max_attempts": record.options.max_attempts,
         }
     return data
-
-
-def overview(db: sqlite_utils.Database, fleet: FleetState) -> list[dict[str, Any]]:
-    """Per device type: the policy, its active rollout, counts by status and the version spread.
-
-    One pass over a covering index grouped by (type, version, last report),
-    so it stays fast with a million endpoints. A type with an active rollout
-    then gets corrections: its devices' statuses also depend on their bucket,
-    trial membership and attempts (see :func:`_rollout_corrections`).
-    """
-    result: dict[str, dict[str, Any]] = {}
-    for key, kind in fleet.types.items():
-        name = kind.policy.type if kind.policy else kind.packages[0].type
-        result[key] = _overview_row(name, fleet, kind)
-    with _reading(db):
-        # type is not in the index: reading it for every row would cost a table
-        # lookup per endpoint, so it is read only for types the fleet state lacks.
-        groups = db.execute(
-            "SELECT type_key, version, report_state, report_version, count(*)"
-            " FROM endpoints GROUP BY type_key, version, report_state, report_version"
-        ).fetchall()
-        for key, version, state, report_version, count in groups:
-            row = result.get(key)
-            if row is None:
-                name = _type_name(db, key, version, state, report_version)
-                row = result[key] = _overview_row(name, fleet, fleet.of(name))
-            active = fleet.of(key).rollout
-            standing = _base_standing(active) if active is not None else None
-            status = fleet.status(key, version, state, report_version, standing=standing)
-            row["counts"][status] += count
-            row["endpoints"] += count
-            row["_versions"][version] += count
-        for key, kind in fleet.types.items():
-            if kind.rollout is not None:
-                counts = result[key]["counts"]
-                for status, change in _rollout_corrections(db, fleet, key, kind.rollout).items():
-                    counts[status] += change
-    rows = []
-    for key in sorted(result):
-        row = result[key]
-        spread = row.pop("_versions")
-        row["versions"] = [
-            {"version": v, "count": n}
-            for v, n in sorted(spread.items(), key=lambda item: version_key(item[0]), reverse=True)
-        ]
-        total = row["endpoints"]
-        # No target (no active policy): "0 % on target" would read as a stalled rollout.
-        row["on_target_percent"] = (
-            round(100 * row["counts"][Status.UP_TO_DATE] / total, 1)
-            if total and row["target_version"] is not None
-            else None
-        )
-        rows.append(row)
-    return rows
-
-
-def _share(active: ActiveRollout) -> int:
-    """The buckets the rollout admits now (below this), trial devices aside."""
-    view = active.view
-    if view.state != RolloutState.RUNNING:
-        return 0
-    return view.wave.share or 0
-
-
-def _base_standing(active: ActiveRollout) -> Standing:
-    """The standing the grouped pass assumes for every device of a rollout type: on the
-    side of the current wave's border that holds more of the buckets."""
-    return Standing(bucket=0 if _share(active) > ALL // 2 else BUCKETS - 1)
-
-
-def _rollout_corrections(
-    db: sqlite_utils.Database, fleet: FleetState, key: str, active: ActiveRollout
-) -> Counter[Status]:
-    """What the grouped pass got wrong for a type with an active rollout, by status.
-
-    The pass gave every device the :func:`_base_standing`. Three smaller
-    reads correct it: the devices on the other side of the wave's border
-    (a range of the ``endpoints_bucket`` index, at most half the buckets),
-    then the devices with a row in the rollout and the trial devices (few
-    next to a fleet), whose status also depends on their attempts.
-    """
-    share = _share(active)
-    base = _base_standing(active)
-    change: Counter[Status] = Counter()
-
-    def move(
-        version: str,
-        state: str | None,
-        report_version: str | None,
-        count: int,
-        standing: Standing,
-        attempted: bool = False,
-        assumed: Standing = base,
-    ) -> None:
-        before = fleet.status(key, version, state, report_version, standing=assumed)
-        after = fleet.status(
-            key, version, state, report_version, standing=standing, attempted=attempted
-        )
-        if before != after:
-            change[before] -= count
-            change[after] += count
-
-    if 0 < share < ALL:
-        other = "e.bucket < ?" if base.bucket else "e.bucket >= ?"
-        for version, state, report_version, count in db.execute(
-            "SELECT e.version, e.report_state, e.report_version, count(*) FROM endpoints e"
-            f" WHERE e.type_key = ? AND {other} GROUP BY 1, 2, 3",
-            (key, share),
-        ):
-            move(version, state, report_version, count, Standing(bucket=BUCKETS - 1 - base.bucket))
-
-    def side(column: str) -> str:
-        """The bucket a device is counted with now: its side of the border, as corrected."""
-        return f"CASE WHEN {column} < {share} THEN 0 ELSE {BUCKETS - 1} END"
-
-    held = "(d.failures >= ? AND d.open_at IS NULL AND d.succeeded_at IS NULL)"
-    attempted = "(d.attempts > 0 OR d.failures > 0)"
-    # CROSS JOIN: from the rollout's rows to their endpoints, never the other way.
-    in_rollout = db.execute(
-        f"SELECT e.version, e.report_state, e.report_version, {side('e.bucket')}, {TRIAL_OF},"
-        f" {held}, {attempted}, count(*) FROM rollout_devices d CROSS JOIN endpoints e"
-        " ON e.serial = d.serial WHERE d.rollout_id = ? AND e.type_key = ?"
-        " GROUP BY 1, 2, 3, 4, 5, 6, 7",
-        (active.max_attempts, active.id, key),
-    )
-    # From the trial list to its devices (the serial's, then its peripherals),
-    # by index: an OR in one join would read the whole type instead, and so would
-    # the endpoints_bucket index on type_key (the unary + keeps the planner off it).
-    trial_only = db.execute(
-        "WITH trial_rows AS (SELECT e.serial, e.version, e.report_state, e.report_version,"
-        " e.bucket FROM trial_devices t CROSS JOIN endpoints e ON e.serial = t.serial"
-        " WHERE +e.type_key = ? UNION SELECT e.serial, e.version, e.report_state,"
-        " e.report_version, e.bucket FROM trial_devices t CROSS JOIN endpoints e"
-        " ON e.parent_serial = t.serial WHERE +e.type_key = ?)"
-        f" SELECT version, report_state, report_version, {side('bucket')}, 1, 0, 0,"
-        " count(*) FROM trial_rows r WHERE NOT EXISTS (SELECT 1 FROM rollout_devices d"
-        " WHERE d.rollout_id = ? AND d.serial = r.serial) GROUP BY 1, 2, 3, 4",
-        (key, key, active.id),
-    )
-    for rows in (in_rollout, trial_only):
-        for version, state, report_version, lead, trial, is_held, tried, count in rows:
-            move(
-                version,
-                state,
-                report_version,
-                count,
-                Standing(bucket=lead, trial=bool(trial), held=bool(is_held)),
-                bool(tried),
-                assumed=Standing(bucket=lead),
-            )
-    return change
-
-
-def _type_name(
-    db: sqlite_utils.Database, key: str, version: str, state: str | None, report_version: str | None
-) -> str:
-    """The name of a type with no policy or package: the least spelling in its first group."""
-    row = db.execute(
-        "SELECT min(e.type) FROM endpoints e WHERE " + _GROUP_TERM,
-        (key, version, state, report_version),
-    ).fetchone()
-    return row[0] if row and row[0] is not None else key
-
-
-def _overview_row(name: str, fleet: FleetState, kind: TypeState) -> dict[str, Any]:
-    return {
-        **PolicyView.of(kind, name).to_dict(),
-        "type": name,
-        "rollout": _rollout_brief(kind.rollout),
-        "endpoints": 0,
-        "counts": dict.fromkeys(STATUSES, 0),
-        "_versions": Counter(),
-    }
-
-
-def _rollout_brief(active: ActiveRollout | None) -> dict[str, Any] | None:
-    """The type's active rollout as ``overview`` shows it, or None."""
-    if active is None or active.record is None:
-        return None
-    record = active.record
-    return {
-        "id": record.id,
-        "version": record.version,
-        "state": str(record.state),
-        "wave": record.wave,
-        "waves": [wave.label for wave in record.waves],
-    }
-

@@ -11,7 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,11 @@ class FleetState:
     window: Window | None
     trial: frozenset[str] = frozenset()  # trial devices' serials (section 6)
     keys: bool = False  # whether any activation key exists: offers look one up only then
+    # Keys looked up by offers under this state (see keys.remembered_key): a key import or
+    # removal moves the generation, and a new state starts with none remembered.
+    key_memo: dict[tuple[str, str], str | None] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def of(self, type_: str) -> TypeState:
         return self.types.get(type_key(type_), _NO_TYPE)

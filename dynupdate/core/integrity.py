@@ -73,7 +73,7 @@ def check_home(home: Home, *, repair: bool = False, hash_files: bool = True) -> 
         report.findings.append(Finding("schema", str(home.path / DB_NAME), problem, False))
     chain = audit.verify(home.db)
     if not chain.intact:
-        detail = f"entry {chain.first_bad}: {chain.problem}; see: dynupdate log --verify"
+        detail = f"entry {chain.first_bad_id}: {chain.problem}; see: dynupdate log --verify"
         report.findings.append(Finding("audit-log", str(home.path / DB_NAME), detail, False))
     rows = home.db.execute("SELECT type, version, sha256, size FROM packages").fetchall()
     referenced = {sha for _, _, sha, _ in rows}
@@ -169,6 +169,10 @@ def schema_problems(conn: sqlite3.Connection) -> list[str]:
 
 # Statistics ANALYZE may leave: they steer the query planner, never a value.
 _STATISTICS = {"sqlite_stat1", "sqlite_stat4"}
+# Litestream's bookkeeping tables, which it creates in every database it replicates
+# (docs/high-availability.md): nothing of dynupdate reads them. Only these tables are
+# let through; an index, trigger or view on them is still named.
+_LITESTREAM = {"_litestream_seq", "_litestream_lock"}
 
 
 def _schema(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[str, str | None]]:
@@ -176,7 +180,7 @@ def _schema(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[str, str | 
     return {
         (kind, name): (table, sql)
         for kind, name, table, sql in rows
-        if not (kind == "table" and name in _STATISTICS)
+        if not (kind == "table" and name in _STATISTICS | _LITESTREAM)
     }
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "key_for",
     "list_keys",
     "read_keys_csv",
+    "remembered_key",
     "remove_key",
 ]
 
@@ -206,6 +207,32 @@ def remove_key(
         audit.append(
             db, actor, audit.Action.KEY_REMOVE, None, {"serial": key.serial, "version": key.version}
         )
+    return key
+
+
+# A pending device is offered the same version at every poll until it installs it: its
+# key is read once and remembered, up to this many (then forgotten all at once: a bound,
+# not an LRU's bookkeeping on every poll).
+KEYS_REMEMBERED = 100_000
+
+
+def remembered_key(
+    memo: dict[tuple[str, str], str | None], db: sqlite_utils.Database, serial: str, version: str
+) -> str | None:
+    """:func:`key_for`, answered from ``memo`` when this pair was asked before.
+
+    ``memo`` must be dropped whenever keys change: the server keeps it in the fleet
+    state, which the configuration generation (moved by every import and removal)
+    replaces.
+    """
+    pair = (serial, version)
+    try:
+        return memo[pair]
+    except KeyError:
+        pass
+    if len(memo) >= KEYS_REMEMBERED:
+        memo.clear()
+    key = memo[pair] = key_for(db, serial, version)
     return key
 
 

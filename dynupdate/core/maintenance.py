@@ -3,15 +3,53 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
+from typing import Any
 
 import sqlite_utils
 
 from dynupdate.core import audit
 from dynupdate.core.db import write
 from dynupdate.core.times import format_utc, utc_now
-from dynupdate.core.windows import Window
+from dynupdate.core.windows import Window, current_opening, next_opening
 
-__all__ = ["clear_window", "load_window", "save_window"]
+__all__ = ["clear_window", "load_window", "save_window", "window_view"]
+
+
+def window_view(window: Window | None, now: datetime) -> dict[str, Any]:
+    """The window as ``window show`` gives it: its fields, whether it is open, its openings.
+
+    On endpoint clocks (``tz`` endpoint) each device has its own openings;
+    these are those of an endpoint on UTC, the clock of one that sends no zone.
+
+    >>> from datetime import UTC
+    >>> from dynupdate.core.windows import make_window
+    >>> view = window_view(make_window("mon-fri", "22:00", "4h", "Europe/Berlin"),
+    ...                    datetime(2026, 12, 2, 12, 0, tzinfo=UTC))
+    >>> view["open_now"], view["next_opening"]
+    (False, {'start': '2026-12-02T21:00:00Z', 'end': '2026-12-03T01:00:00Z'})
+    """
+    data: dict[str, Any] = {
+        "set": window is not None,
+        "days": None,
+        "start": None,
+        "duration_minutes": None,
+        "tz": None,
+        "open_now": None,
+        "current_opening": None,
+        "next_opening": None,
+    }
+    if window is None:
+        return data
+    data |= window.to_dict()
+    current = current_opening(window, now)
+    start, end = next_opening(window, now)
+    data["open_now"] = current is not None
+    data["current_opening"] = (
+        {"start": format_utc(current[0]), "end": format_utc(current[1])} if current else None
+    )
+    data["next_opening"] = {"start": format_utc(start), "end": format_utc(end)}
+    return data
 
 
 def load_window(db: sqlite_utils.Database) -> Window | None:

@@ -14,7 +14,7 @@ it now), or not while it is *in a call*.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -46,17 +46,7 @@ class OfferGroup:
     up_to_date: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "type": self.type,
-            "version": self.version,
-            "devices": self.devices,
-            "offered_version": self.offered_version,
-            "offered_version_before": self.offered_version_before,
-            "offered_now": self.offered_now,
-            "offered_at_next_opening": self.offered_at_next_opening,
-            "in_call": self.in_call,
-            "up_to_date": self.up_to_date,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)

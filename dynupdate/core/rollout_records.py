@@ -290,11 +290,20 @@ def _live(db: sqlite_utils.Database, rollout: Rollout, now: datetime) -> int:
     """
     enough = rollout.options.min_devices
     target = version_key(rollout.version)
-    # The type's versions older than V, from the covering index on (type_key, version, …).
+    # The type's versions older than V. A skip-scan of the covering index on
+    # (type_key, version, …): one seek per distinct version. SELECT DISTINCT reads
+    # every entry of the type, ~30 ms for a million devices, in every worker at every
+    # gate evaluation.
     older = [
         version
         for (version,) in db.execute(
-            "SELECT DISTINCT version FROM endpoints WHERE type_key = ?", (type_key(rollout.type),)
+            "WITH RECURSIVE v(version) AS ("
+            " SELECT min(version) FROM endpoints WHERE type_key = :type"
+            " UNION ALL SELECT (SELECT min(version) FROM endpoints"
+            " WHERE type_key = :type AND version > v.version) FROM v"
+            " WHERE v.version IS NOT NULL)"
+            " SELECT version FROM v WHERE version IS NOT NULL",
+            {"type": type_key(rollout.type)},
         )
         if version_key(version) < target
     ]

@@ -18,11 +18,11 @@ say of attempts) and :func:`evaluate` (timeouts and gates, every few seconds).
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, cast
 
 import sqlite_utils
@@ -39,7 +39,7 @@ from dynupdate.core.gates import (
     RolloutOptions,
     wave_gate,
 )
-from dynupdate.core.packages import Package, add_package, find_package, list_packages
+from dynupdate.core.packages import Package, find_package, list_packages
 from dynupdate.core.rollout_records import (
     ACTIVE_SQL,
     COLUMNS,
@@ -54,7 +54,6 @@ from dynupdate.core.rollout_records import (
     rollout_from_row,
     wave_evidence,
 )
-from dynupdate.core.store import PackageStore
 from dynupdate.core.times import format_utc, utc_now
 from dynupdate.core.trial import trial_serials
 from dynupdate.core.versions import same_version, version_key
@@ -63,8 +62,8 @@ from dynupdate.core.waves import covers
 
 __all__ = [
     "Plan",
+    "StartOnImport",
     "abort_rollout",
-    "add_and_start",
     "advance_rollout",
     "evaluate",
     "pause_rollout",
@@ -275,30 +274,40 @@ def plan_rollout(
 # Admin transitions ---------------------------------------------------------------------
 
 
+@contextlib.contextmanager
 def _transition(
     db: sqlite_utils.Database,
     type_: str,
     allowed: tuple[RolloutState, ...],
     command: str,
-) -> Rollout:
-    rollout = require_active(db, type_)
-    if rollout.state not in allowed:
-        states = " or ".join(str(s) for s in allowed)
-        raise Conflict(
-            f"The rollout of {rollout.type} is {rollout.state}: rollout {command} works "
-            f"only when it is {states}."
-        )
-    return rollout
+    now: datetime | None,
+    *,
+    evaluate: bool = True,
+) -> Iterator[tuple[Rollout, datetime]]:
+    """An admin command's transaction: the active rollout of ``type_``, if ``allowed``, and now.
+
+    With ``evaluate``, the gates run first, so the command acts on the rollout
+    as it stands (a wave due to open has opened, a failing one has halted).
+    """
+    now = now or utc_now()
+    with write(db):
+        if evaluate:
+            _evaluate_all(db, now)
+        rollout = require_active(db, type_)
+        if rollout.state not in allowed:
+            states = " or ".join(str(s) for s in allowed)
+            raise Conflict(
+                f"The rollout of {rollout.type} is {rollout.state}: rollout {command} works "
+                f"only when it is {states}."
+            )
+        yield rollout, now
 
 
 def pause_rollout(
     db: sqlite_utils.Database, type_: str, *, actor: str | None = None, now: datetime | None = None
 ) -> Rollout:
     """Stop offering V (a running rollout); attempts in flight go on."""
-    now = now or utc_now()
-    with write(db):
-        _evaluate_all(db, now)
-        rollout = _transition(db, type_, (RolloutState.RUNNING,), "pause")
+    with _transition(db, type_, (RolloutState.RUNNING,), "pause", now) as (rollout, now):
         db.execute(
             "UPDATE rollouts SET state = 'paused', stopped_at = ? WHERE id = ?",
             (format_utc(now), rollout.id),
@@ -311,22 +320,15 @@ def resume_rollout(
     db: sqlite_utils.Database, type_: str, *, actor: str | None = None, now: datetime | None = None
 ) -> Rollout:
     """Run a paused or halted rollout again; after a halt, the halt rules count afresh."""
-    now = now or utc_now()
-    with write(db):
-        _evaluate_all(db, now)
-        rollout = _transition(db, type_, (RolloutState.PAUSED, RolloutState.HALTED), "resume")
+    stopped = (RolloutState.PAUSED, RolloutState.HALTED)
+    with _transition(db, type_, stopped, "resume", now) as (rollout, now):
         db.execute(
             "UPDATE rollouts SET state = 'running', stopped_at = NULL, stopped_seconds = ?,"
             " halt_reason = NULL, resumed_at = ? WHERE id = ?",
             (rollout.stopped_total(now), format_utc(now), rollout.id),
         )
-        audit.append(
-            db,
-            actor,
-            Action.ROLLOUT_RESUME,
-            rollout.type,
-            {"id": rollout.id, "from": str(rollout.state), "halt_reason": rollout.halt_reason},
-        )
+        detail = {"id": rollout.id, "from": str(rollout.state), "halt_reason": rollout.halt_reason}
+        audit.append(db, actor, Action.ROLLOUT_RESUME, rollout.type, detail)
         return load_rollout(db, rollout.id)
 
 
@@ -334,17 +336,9 @@ def advance_rollout(
     db: sqlite_utils.Database, type_: str, *, actor: str | None = None, now: datetime | None = None
 ) -> Rollout:
     """Open the next wave now, gate skipped; on the last wave, complete the rollout."""
-    now = now or utc_now()
-    with write(db):
-        _evaluate_all(db, now)
-        rollout = _transition(db, type_, (RolloutState.RUNNING,), "advance")
-        audit.append(
-            db,
-            actor,
-            Action.ROLLOUT_ADVANCE,
-            rollout.type,
-            {"id": rollout.id, "wave": rollout.wave},
-        )
+    with _transition(db, type_, (RolloutState.RUNNING,), "advance", now) as (rollout, now):
+        detail = {"id": rollout.id, "wave": rollout.wave}
+        audit.append(db, actor, Action.ROLLOUT_ADVANCE, rollout.type, detail)
         _pass_wave(db, rollout, now, actor=actor)
         return load_rollout(db, rollout.id)
 
@@ -353,27 +347,16 @@ def abort_rollout(
     db: sqlite_utils.Database, type_: str, *, actor: str | None = None, now: datetime | None = None
 ) -> Rollout:
     """End the rollout: V is blocked, the policy stays as it stood (its target the stable one)."""
-    now = now or utc_now()
-    with write(db):
-        rollout = _transition(
-            db,
-            type_,
-            (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.HALTED),
-            "abort",
-        )
+    active = (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.HALTED)
+    with _transition(db, type_, active, "abort", now, evaluate=False) as (rollout, now):
         db.execute(
             "UPDATE rollouts SET state = 'aborted', finished_at = ?, stopped_at = NULL"
             " WHERE id = ?",
             (format_utc(now), rollout.id),
         )
         _block(db, rollout.type, rollout.version)
-        audit.append(
-            db,
-            actor,
-            Action.ROLLOUT_ABORT,
-            rollout.type,
-            {"id": rollout.id, "version": rollout.version, "from": str(rollout.state)},
-        )
+        detail = {"id": rollout.id, "version": rollout.version, "from": str(rollout.state)}
+        audit.append(db, actor, Action.ROLLOUT_ABORT, rollout.type, detail)
         return load_rollout(db, rollout.id)
 
 
@@ -463,27 +446,25 @@ def _evaluate_all(db: sqlite_utils.Database, now: datetime) -> list[str]:
     return events
 
 
-def add_and_start(
-    db: sqlite_utils.Database,
-    store: PackageStore,
-    source: Path,
-    type_: str,
-    version: str,
-    description: str | None = None,
-    *,
-    given: dict[str, Any] | None = None,
-    progress: Callable[[int], None] | None = None,
-    actor: str | None = None,
-) -> tuple[Package, bool, Rollout | None]:
-    """``package add --rollout``: the upload and the start in one transaction.
+@dataclass
+class StartOnImport:
+    """``package add --rollout``: as :func:`add_package`'s ``then``, starts the rollout.
 
-    Options not ``given`` come from the type's latest rollout. The identical
-    file again starts a rollout only when none of its version is active or
-    completed; otherwise it is the usual no-op (no rollout: None).
+    It runs inside the import's transaction, so no device sees V before its
+    rollout exists. Options not ``given`` come from the type's latest rollout.
+    The identical file again starts a rollout only when none of its version is
+    active or completed; otherwise it is the usual no-op (``started`` stays None).
+
+        start = StartOnImport({"soak": "1h"})
+        package, new = add_package(db, store, source, "Trio", "7.2", then=start)
+        start.started  # the Rollout, or None
     """
-    started: list[Rollout] = []
 
-    def start_here(db: sqlite_utils.Database, package: Package, new: bool) -> None:
+    given: dict[str, Any] = field(default_factory=dict)
+    actor: str | None = None
+    started: Rollout | None = None
+
+    def __call__(self, db: sqlite_utils.Database, package: Package, new: bool) -> None:
         if not new:
             earlier = db.execute(
                 "SELECT 1 FROM rollouts WHERE type_key = ? AND version = ? AND state IN"
@@ -492,11 +473,7 @@ def add_and_start(
             ).fetchone()
             if earlier:
                 return
-        options = latest_options(db, package.type).given(**(given or {}))
-        started.append(_start(db, package.type, package.version, options, actor=actor,
-                              now=utc_now()))  # fmt: skip
-
-    package, new = add_package(
-        db, store, source, type_, version, description, progress, actor=actor, then=start_here
-    )
-    return package, new, started[0] if started else None
+        options = latest_options(db, package.type).given(**self.given)
+        self.started = _start(
+            db, package.type, package.version, options, actor=self.actor, now=utc_now()
+        )

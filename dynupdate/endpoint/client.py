@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from dynupdate import protocol, protocol_client
@@ -41,7 +42,6 @@ from dynupdate.endpoint.transport import (
     ClientStats,
     Connections,
     Exchange,
-    Receiver,
     Target,
     Transport,
     tls_context,
@@ -84,32 +84,24 @@ def _http_error(what: str, status: int, body: bytes) -> EndpointError:
     return EndpointError(f"http-{status}", f"The {what} request got HTTP {status}{shown}")
 
 
+@dataclass(eq=False)
 class BaseClient:
     """The protocol's requests, as :class:`EndpointClient` and :class:`ClientSession` send them.
 
-    They differ only in the connections a request goes on (:meth:`_call`).
+    They differ only in the connections a request goes on: a session's own,
+    kept between its requests, or (``_connections`` None) a new one each time.
     """
 
-    def __init__(self, url: str, poll_url: str, report_url: str, transport: Transport) -> None:
-        self.url = url
-        self.poll_url = poll_url
-        self.report_url = report_url
-        self.transport = transport
+    url: str
+    poll_url: str
+    report_url: str
+    transport: Transport
+    _connections: Connections | None = None
 
     @property
     def stats(self) -> ClientStats:
         """The counters of the client and all its sessions (one object)."""
         return self.transport.stats
-
-    async def _call(
-        self,
-        method: str,
-        url: str,
-        body: bytes | None,
-        headers: dict[str, str] | None = None,
-        receiver: Receiver | None = None,
-    ) -> tuple[int, dict[str, str], bytes]:
-        raise NotImplementedError
 
     def _count(self, error: EndpointError) -> EndpointError:
         return self.transport.count(error)
@@ -120,8 +112,9 @@ class BaseClient:
         self, endpoint: protocol.PollEndpoint, peripherals: Sequence[protocol.Device] = ()
     ) -> PollAnswer:
         """``POST /poll``; the parsed answer, or :class:`EndpointError`."""
-        status, _, body = await self._call(
-            "POST", self.poll_url, poll_document(endpoint, peripherals)
+        document = poll_document(endpoint, peripherals)
+        status, _, body = await self.transport.call(
+            "POST", self.poll_url, document, connections=self._connections
         )
         self.stats.polls += 1  # answered: not while queued for a connection, nor lost
         if status != 200:
@@ -137,7 +130,9 @@ class BaseClient:
         A wrong address, an untrusted certificate or a pin mismatch fails here,
         once, before a fleet starts.
         """
-        status, _, _ = await self._call("HEAD", self.poll_url, None)
+        status, _, _ = await self.transport.call(
+            "HEAD", self.poll_url, None, connections=self._connections
+        )
         if status != 405:
             raise self._count(
                 EndpointError(
@@ -153,7 +148,9 @@ class BaseClient:
         for attempt in range(_REPORT_TRIES):
             self.stats.reports += 1
             try:
-                status, headers, body = await self._call("POST", self.report_url, document)
+                status, headers, body = await self.transport.call(
+                    "POST", self.report_url, document, connections=self._connections
+                )
             except EndpointError as e:
                 if attempt + 1 == _REPORT_TRIES or e.kind in ("tls", "pin-mismatch"):
                     raise
@@ -173,7 +170,9 @@ class BaseClient:
         The hash header is the ``ETag``, which the server sets to the quoted SHA-256.
         """
         self.stats.heads += 1
-        status, headers, body = await self._call("HEAD", offer.url, None)
+        status, headers, body = await self.transport.call(
+            "HEAD", offer.url, None, connections=self._connections
+        )
         if status != 200:
             raise self._count(_http_error("package", status, body))
         length = headers.get("content-length", "")
@@ -253,7 +252,9 @@ class BaseClient:
         receiver = FileReceiver(part, tag_file, have, offer.size, self.stats)
         self.stats.downloads += 1
         try:
-            status, _, body = await self._call("GET", offer.url, None, headers, receiver)
+            status, _, body = await self.transport.call(
+                "GET", offer.url, None, headers, receiver, self._connections
+            )
         finally:
             receiver.close()
         if status == 416 and have:
@@ -313,9 +314,6 @@ class EndpointClient(BaseClient):
         """A session of this client for one poll cycle; see :class:`ClientSession`."""
         return ClientSession(self)
 
-    async def _call(self, method, url, body, headers=None, receiver=None):
-        return await self.transport.call(method, url, body, headers, receiver)
-
 
 class ClientSession(BaseClient):
     """A client's poll cycle: its requests share one kept connection per host.
@@ -333,10 +331,17 @@ class ClientSession(BaseClient):
     connections and the slot.
     """
 
+    _connections: Connections  # its own, never None
+
     def __init__(self, client: EndpointClient) -> None:
-        super().__init__(client.url, client.poll_url, client.report_url, client.transport)
+        super().__init__(
+            client.url,
+            client.poll_url,
+            client.report_url,
+            client.transport,
+            client.transport.connections(),
+        )
         self.client = client
-        self._connections: Connections = client.transport.connections()
 
     async def __aenter__(self) -> ClientSession:
         return self
@@ -347,6 +352,3 @@ class ClientSession(BaseClient):
     def release(self) -> None:
         """Close the session's connections and give back its slot; it may go on."""
         self._connections.close()
-
-    async def _call(self, method, url, body, headers=None, receiver=None):
-        return await self.transport.call(method, url, body, headers, receiver, self._connections)

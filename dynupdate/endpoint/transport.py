@@ -18,7 +18,7 @@ import hashlib
 import ssl
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import cast
 from urllib.parse import SplitResult, urlsplit
@@ -200,29 +200,23 @@ class Connections:
             self._slots.release()
 
 
+@dataclass(eq=False, kw_only=True)
 class Transport:
     """Requests to the server: trust, the timeout, the bound on open connections, the trace.
 
     Every request, error and connection is counted in ``stats``.
     """
 
-    def __init__(
-        self,
-        *,
-        context: ssl.SSLContext,
-        pin: str | None,
-        timeout: float,
-        max_connections: int | None,
-        trace: Callable[[Exchange], None] | None,
-        user_agent: str,
-        stats: ClientStats,
-    ) -> None:
-        self.context = context
-        self.pin = pin
-        self.timeout = timeout
-        self.trace = trace
-        self.user_agent = user_agent
-        self.stats = stats
+    context: ssl.SSLContext
+    pin: str | None
+    timeout: float
+    max_connections: InitVar[int | None]
+    trace: Callable[[Exchange], None] | None
+    user_agent: str
+    stats: ClientStats
+    _slots: asyncio.Semaphore | None = field(init=False)
+
+    def __post_init__(self, max_connections: int | None) -> None:
         self._slots = asyncio.Semaphore(max_connections) if max_connections else None
 
     def connections(self) -> Connections:

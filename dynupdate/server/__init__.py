@@ -8,5 +8,6 @@
 - :mod:`~dynupdate.server.listener`: accepting, connection caps, handshakes, deadlines.
 - :mod:`~dynupdate.server.workers`: one process or a supervisor and N workers.
 - :mod:`~dynupdate.server.tlsio`, :mod:`~dynupdate.server.tls`: TLS on the socket, the context.
+- :mod:`~dynupdate.server.logs`: the log lines, as text or JSON.
 - :mod:`~dynupdate.server.identity`: the serial a client certificate speaks for.
 """

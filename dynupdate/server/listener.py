@@ -23,9 +23,11 @@ from typing import Any
 
 from dynupdate.core.errors import DynupdateError, InvalidInput
 from dynupdate.server.connection import Connection
+from dynupdate.server.logs import LogFormat, connection_line
 from dynupdate.server.messages import App, ErrorBody, default_error_body
+from dynupdate.server.metered import Meter, failure_reason, metered_connection
 from dynupdate.server.reading import WAIT
-from dynupdate.server.state import ServerState, printable
+from dynupdate.server.state import ServerState
 from dynupdate.server.tlsio import TLSTransport, spoke_plain_http, wrap_server_socket
 
 __all__ = ["FD_RESERVE", "Server", "listen_sockets", "open_file_limit"]
@@ -66,8 +68,12 @@ class Server:
     connections get ``crowded_keepalive_timeout`` instead of ``keepalive_timeout``.
     ``access_log`` gets one line per request, ``connection_log`` one per failed
     handshake, plain-HTTP request on the TLS port or refused connection (rate
-    limited; default: the ``dynupdate.server`` logger), each led by a UTC time.
-    ``ssl_context=None`` serves plain HTTP (for tests and TLS-terminating proxies).
+    limited; default: the ``dynupdate.server`` logger), each led by a UTC time;
+    ``log_format`` "json" makes both one JSON object a line (:mod:`~dynupdate.server.logs`).
+    ``ssl_context=None`` serves plain HTTP (for tests and TLS-terminating proxies);
+    :meth:`use_tls` swaps the context for new handshakes (a renewed certificate).
+    ``meter`` (``serve --metrics``) is told of every answer, connection and failed
+    handshake; without one, connections do no metering work at all.
     """
 
     def __init__(
@@ -88,8 +94,13 @@ class Server:
         connection_log: Callable[[str], None] | None = None,
         error_body: ErrorBody | None = None,
         backlog: int = 1024,
+        log_format: LogFormat | str = LogFormat.TEXT,
+        meter: Meter | None = None,
     ) -> None:
         self.ssl_context = ssl_context
+        self.log_format = LogFormat(log_format)
+        self.meter = meter
+        self._connection = Connection if meter is None else metered_connection(meter)
         self.handshake_timeout = handshake_timeout
         self.shutdown_timeout = shutdown_timeout
         self.max_connections = max_connections
@@ -110,8 +121,9 @@ class Server:
             max_per_client=max_per_client,
             access_log=access_log,
             error_body=error_body or default_error_body,
+            json_log=self.log_format is LogFormat.JSON,
         )
-        # Counters, for tests and for operators (more in state).
+        # Counters, for tests and for operators; those the connections count are in state.
         self.refused = 0  # connections closed at once: max_connections or max_per_client reached
         self.handshake_failures = 0
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -132,23 +144,11 @@ class Server:
         """Open connections, those still in their TLS handshake included."""
         return self.state.count
 
-    @property
-    def closing(self) -> bool:
-        return self.state.closing
-
-    @property
-    def requests(self) -> int:
-        return self.state.requests
-
-    @property
-    def rejected(self) -> int:
-        """Requests refused by a limit (4xx from the transport)."""
-        return self.state.rejected
-
-    @property
-    def timeouts(self) -> int:
-        """Requests not received, or answers not read, in time."""
-        return self.state.timeouts
+    def use_tls(self, context: ssl.SSLContext) -> None:
+        """New handshakes use ``context``; connections already open keep the one they began with."""
+        if self.ssl_context is None:
+            raise DynupdateError("This server speaks plain HTTP: it has no TLS context to replace.")
+        self.ssl_context = context
 
     async def start(
         self,
@@ -266,7 +266,7 @@ class Server:
                 per_client[key] = already + 1
             state.count += 1
             conn.setblocking(False)
-            protocol = Connection(state, addr[:2])
+            protocol = self._connection(state, addr[:2])
             protocol.client_key = key
             if self.ssl_context is None:
                 task = self.loop.create_task(self._open(conn, protocol))
@@ -279,6 +279,8 @@ class Server:
             except OSError as exc:
                 self._gone(protocol)
                 self.handshake_failures += 1
+                if self.meter is not None:
+                    self.meter.handshake_failed("other")
                 conn.close()
                 self._event(addr[0], f"TLS failed to start: {exc}")
                 continue
@@ -303,6 +305,8 @@ class Server:
         self.handshake_failures += 1
         if self.state.closing:
             return  # aborted by close()
+        if self.meter is not None:
+            self.meter.handshake_failed(failure_reason(exc))
         reason = getattr(exc, "reason", None)
         if spoke_plain_http(exc):
             what = "plain HTTP on the HTTPS port: the client must use https://"
@@ -336,14 +340,20 @@ class Server:
             self._events_dropped += 1
             return
         self._events += 1
-        self._write_event(f"{self.state.stamp()} {client} {printable(what)}")
+        self._write_event(connection_line(self.log_format, self.state.stamp(), client, what))
 
     def _flush_events(self) -> None:
         if self._events_dropped:
-            self._write_event(
-                f"{self.state.stamp()} {self._events_dropped} more connection failures not logged "
+            what = (
+                f"{self._events_dropped} more connection failures not logged "
                 f"(at most {EVENT_BURST} lines in {EVENT_PERIOD:g} s)"
             )
+            self._write_event(
+                connection_line(
+                    self.log_format, self.state.stamp(), None, what,
+                    not_logged=self._events_dropped,
+                )
+            )  # fmt: skip
         self._events = self._events_dropped = 0
 
     def _write_event(self, line: str) -> None:
@@ -357,6 +367,8 @@ class Server:
         self.state.count -= 1
         if protocol.client_key is not None:
             self.state.leave(protocol.client_key)
+        if self.meter is not None:
+            self.meter.closed()
 
     def _resume_accept(self, listener: socket.socket) -> None:
         if not self.state.closing:
@@ -413,8 +425,12 @@ def listen_sockets(
     reuse_port: bool = False,
     backlog: int = 1024,
     listen: bool = True,
+    option: str = "--host or --port",
 ) -> list[socket.socket]:
-    """Bound (and listening) sockets for every address of host; port 0 picks one free port."""
+    """Bound (and listening) sockets for every address of host; port 0 picks one free port.
+
+    ``option``: what the refusal tells the admin to change.
+    """
     try:
         infos = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -444,11 +460,11 @@ def listen_sockets(
                 if exc.errno == errno.EADDRINUSE:
                     raise InvalidInput(
                         f"Another process already listens on {addr[0]} port {addr[1]}; "
-                        "stop it or choose another --host or --port."
+                        f"stop it or choose another {option}."
                     ) from None
                 raise InvalidInput(
                     f"Cannot listen on {addr[0]} port {addr[1]}: {exc.strerror}. "
-                    "Choose another --host or --port."
+                    f"Choose another {option}."
                 ) from None
             if listen:
                 s.listen(backlog)

@@ -29,7 +29,7 @@ ERROR_CODES = {
     403: "forbidden",
     404: "not-found",
     405: "method-not-allowed",
-    411: "invalid-request",
+    411: "length-required",  # a body needs a Content-Length (no chunked bodies)
     413: "too-large",
     414: "invalid-request",
     416: "invalid-request",
@@ -89,7 +89,13 @@ def default_error_body(status: int, code: str, message: str) -> bytes:
     return error_document(code, message)
 
 
-def error_response(status: int, message: str, code: str | None = None) -> Response:
-    """An XML error answer, as the transport itself makes them."""
+def error_response(
+    status: int,
+    message: str,
+    code: str | None = None,
+    *extra: tuple[str, str],
+    log: str = "",
+) -> Response:
+    """An XML error answer (``extra`` headers after its Content-Type; ``log``: see Response)."""
     body = default_error_body(status, code or error_code(status), message)
-    return Response(status, [("Content-Type", "application/xml")], body)
+    return Response(status, [("Content-Type", "application/xml"), *extra], body, log=log)

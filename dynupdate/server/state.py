@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from dynupdate.server.logs import access_json, printable
 from dynupdate.server.messages import App, ErrorBody, Response, error_code
 
 __all__ = ["ServerState", "printable"]
@@ -37,6 +38,7 @@ class ServerState:
         "date_second",
         "drained",
         "error_body",
+        "json_log",
         "keepalive_timeout",
         "loop",
         "max_body",
@@ -68,6 +70,7 @@ class ServerState:
         max_per_client: int | None,
         access_log: Callable[[str], None] | None,
         error_body: ErrorBody,
+        json_log: bool = False,
     ) -> None:
         self.app = app
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
@@ -79,6 +82,7 @@ class ServerState:
         self.crowded_keepalive_timeout = min(crowded_keepalive_timeout, keepalive_timeout)
         self.write_timeout = write_timeout
         self.access_log = access_log
+        self.json_log = json_log  # --log-format json: access lines as JSON objects
         self.error_body = error_body
         self.closing = False
         self.connections: set[Any] = set()  # past connection_made(), not yet lost
@@ -132,15 +136,13 @@ class ServerState:
         self, client: str, method: str, path: str, status: int, sent: int, t0: float, log: str
     ) -> None:
         ms = (self.loop.time() - t0) * 1000.0
-        line = f"{self.stamp()} {client} {method} {printable(path)} {status} {sent} {ms:.1f}ms"
+        if self.json_log:
+            line = access_json(self.stamp(), client, method, path, status, sent, ms, log)
+        else:
+            line = f"{self.stamp()} {client} {method} {printable(path)} {status} {sent} {ms:.1f}ms"
+            if log:
+                line = f"{line} {log}"
         try:
-            self.access_log(f"{line} {log}" if log else line)  # type: ignore[misc]
+            self.access_log(line)  # type: ignore[misc]
         except Exception:
             logger.exception("The access log failed")
-
-
-def printable(text: str) -> str:
-    """``text`` fit for one log line: escapes for what a terminal would obey, 200 characters."""
-    if not text.isprintable():
-        text = text.encode("unicode_escape").decode("ascii")
-    return text if len(text) <= 200 else text[:200] + "..."

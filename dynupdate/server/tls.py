@@ -12,9 +12,11 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import ipaddress
+import logging
 import os
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -23,12 +25,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from dynupdate.core.errors import InvalidInput
-from dynupdate.fingerprints import load_certs
+from dynupdate.core.errors import DynupdateError, InvalidInput
+from dynupdate.fingerprints import fingerprint, load_certs
 
 __all__ = [
     "CERT_NAME",
     "KEY_NAME",
+    "ServerCertificate",
     "ensure_self_signed",
     "server_context",
 ]
@@ -36,6 +39,8 @@ __all__ = [
 CERT_NAME = "server.crt"
 KEY_NAME = "server.key"
 VALIDITY_DAYS = 3650
+
+logger = logging.getLogger("dynupdate.server")
 
 # Mozilla's "intermediate" TLS 1.2 suites with ECDHE (forward secrecy) and AEAD
 # only; TLS 1.3 suites are OpenSSL's defaults, all of them good.
@@ -193,6 +198,59 @@ def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.
             ) from None
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+class ServerCertificate:
+    """The server's certificate files and the context made of them, re-read by :meth:`reload`.
+
+    For certificates an ACME client renews in place: ``serve`` calls
+    :meth:`reload` on SIGHUP. The files are the same paths every time (for the
+    self-signed certificate, ``HOME/tls/server.crt`` and ``server.key``); a
+    reload never makes a certificate, since a new one would lock out every
+    endpoint that pins the old fingerprint. ``note(message, level)`` gets the
+    line saying what a reload did.
+    """
+
+    def __init__(
+        self,
+        cert: Path,
+        key: Path,
+        client_ca: Path | None = None,
+        note: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.cert, self.key, self.client_ca = Path(cert), Path(key), client_ca
+        self.note = note or (lambda message, level: logger.warning("%s", message))
+        self.context = server_context(self.cert, self.key, client_ca)
+        self.fingerprint = fingerprint(self.cert)
+
+    def reload(self, announce: bool = True) -> ssl.SSLContext | None:
+        """A context of the files as they are now; None when unusable (the old one stays).
+
+        A failure is one line naming the file and the fingerprint still served;
+        a success one line with the new fingerprint, when ``announce``.
+        """
+        try:
+            context = server_context(self.cert, self.key, self.client_ca)
+            new = fingerprint(self.cert)
+        except DynupdateError as exc:
+            why = str(exc)
+        except Exception as exc:  # a reload must never stop the server
+            why = f"{type(exc).__name__}: {exc}"
+        else:
+            old, self.context, self.fingerprint = self.fingerprint, context, new
+            if announce:
+                same = " (the same certificate)" if new == old else ""
+                self.note(
+                    f"Reloaded the TLS certificate {self.cert}: SHA-256 fingerprint {new}{same}",
+                    "info",
+                )
+            return context
+        self.note(
+            f"TLS certificate not reloaded: {why} Still serving the previous one "
+            f"(SHA-256 fingerprint {self.fingerprint}).",
+            "error",
+        )
+        return None
 
 
 def _check_key(path: Path) -> None:

@@ -21,15 +21,33 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dynupdate.core.errors import DynupdateError, InvalidInput
 from dynupdate.server.listener import Server, listen_sockets
 from dynupdate.server.messages import App
 
-__all__ = ["loop_factory", "run"]
+__all__ = ["TLSReload", "loop_factory", "run"]
 
 logger = logging.getLogger("dynupdate.server")
+
+# On SIGHUP: re-read the TLS files; the new context, or None when they are unusable
+# (the callable has logged why; the old context stays). Its argument says whether to
+# log a success: the supervisor does, once, not each of its workers.
+TLSReload = Callable[[bool], "ssl.SSLContext | None"]
+
+
+@dataclass
+class _Serving:
+    """What every server of a run serves, and where: the single one, or each worker's."""
+
+    app_factory: Callable[[], Any]
+    host: str | None
+    port: int
+    ssl_context: ssl.SSLContext | None  # replaced on SIGHUP by a usable renewed one
+    server_opts: dict[str, Any]
+    reload_tls: TLSReload | None
 
 
 def run(
@@ -41,6 +59,8 @@ def run(
     workers: int = 1,
     ready: Callable[[list[tuple[str, int]]], None] | None = None,
     loop: str = "auto",
+    reload_tls: TLSReload | None = None,
+    worker_exited: Callable[[int], None] | None = None,
     **server_opts: Any,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then shut down cleanly. Blocks.
@@ -53,17 +73,24 @@ def run(
     SIGINT/SIGTERM on. ``ready(addresses)`` is called once every worker listens.
     ``loop``: "uvloop", "asyncio", or "auto" (uvloop when installed: it takes
     about a quarter off the CPU per request and per handshake).
+    On SIGHUP, ``reload_tls`` makes the context new handshakes use (open
+    connections keep theirs); the supervisor checks the files first and passes
+    SIGHUP on to its workers only when they are usable. Without it SIGHUP is
+    ignored (rather than ending the server, its default).
+    ``worker_exited(pid)`` is called in the supervisor when a worker has exited
+    (before another is started): what it kept for the others to read is stale.
     """
     factory = loop_factory(loop)
     # A write past a file-size limit (RLIMIT_FSIZE) must fail with EFBIG, as a full
     # disk does, not kill the server: Python ignores SIGXFSZ only when it owns the
     # signal handlers (not when embedded). Inherited by the forked workers.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    serving = _Serving(app_factory, host, port, ssl_context, server_opts, reload_tls)
     if workers <= 1:
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(_serve(app_factory, host, port, ssl_context, server_opts, False, ready))
+            runner.run(_serve(serving, reuse_port=False, ready=ready))
         return
-    _supervise(app_factory, host, port, ssl_context, server_opts, workers, ready, factory)
+    _supervise(serving, workers, ready, factory, worker_exited)
 
 
 def loop_factory(name: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -82,11 +109,8 @@ def loop_factory(name: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] 
 
 
 async def _serve(
-    app_factory: Callable[[], Any],
-    host: str | None,
-    port: int,
-    ssl_context: ssl.SSLContext | None,
-    server_opts: dict[str, Any],
+    serving: _Serving,
+    *,
     reuse_port: bool,
     ready: Callable[[list[tuple[str, int]]], None] | None,
     parent: int | None = None,
@@ -94,18 +118,32 @@ async def _serve(
     """Serve until SIGINT/SIGTERM or, for a worker, until ``parent`` (a pipe) reads EOF."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
+    server: Server | None = None
+
+    def reload() -> None:
+        if serving.reload_tls is None or serving.ssl_context is None:
+            return
+        # A worker's supervisor has announced the new certificate already.
+        context = serving.reload_tls(parent is None)
+        if context is None:
+            return
+        serving.ssl_context = context  # a server still starting is made with it
+        if server is not None:
+            server.use_tls(context)
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     if parent is not None:
         loop.add_reader(parent, stop.set)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # a forked worker starts blocked
     try:
-        app = app_factory()
+        app = serving.app_factory()
         if inspect.isawaitable(app):
             app = await app
-        server = Server(app, ssl_context=ssl_context, **server_opts)
-        addresses = await server.start(host, port, reuse_port=reuse_port)
+        server = Server(app, ssl_context=serving.ssl_context, **serving.server_opts)
+        addresses = await server.start(serving.host, serving.port, reuse_port=reuse_port)
         # What start-up made lives as long as the server: out of the collector's
         # sight, a full collection walks only what requests leave behind.
         gc.freeze()
@@ -124,15 +162,13 @@ async def _serve(
 
 
 def _supervise(
-    app_factory: Callable[[], Any],
-    host: str | None,
-    port: int,
-    ssl_context: ssl.SSLContext | None,
-    server_opts: dict[str, Any],
+    serving: _Serving,
     workers: int,
     ready: Callable[[list[tuple[str, int]]], None] | None,
     factory: Callable[[], asyncio.AbstractEventLoop] | None,
+    worker_exited: Callable[[int], None] | None,
 ) -> None:
+    host, port = serving.host, serving.port
     if port:
         # SO_REUSEPORT would let the kernel spread connections over this server and
         # any other one listening there (another home, another certificate). A probe
@@ -145,7 +181,8 @@ def _supervise(
     reserved = listen_sockets(host, port, reuse_port=True, listen=False)
     addresses = [s.getsockname()[:2] for s in reserved]
     port = addresses[0][1]
-    signals = {signal.SIGINT, signal.SIGTERM}
+    serving = replace(serving, port=port)  # port 0 resolved: every worker on the same one
+    signals = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
     ready_r, ready_w = os.pipe()
     # Only the supervisor keeps the write end: when it dies, even by SIGKILL, the
     # workers read EOF and stop, so none serves (and holds the home's lock) orphaned.
@@ -168,9 +205,8 @@ def _supervise(
                     s.close()
                 for signum in signals:
                     signal.signal(signum, signal.SIG_DFL)
-                args = (app_factory, host, port, ssl_context, server_opts, True, started, alive_r)
                 with asyncio.Runner(loop_factory=factory) as runner:
-                    runner.run(_serve(*args))
+                    runner.run(_serve(serving, reuse_port=True, ready=started, parent=alive_r))
                 code = 0
             except BaseException:
                 traceback.print_exc()
@@ -186,7 +222,26 @@ def _supervise(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
-    previous = {signum: signal.signal(signum, stop_all) for signum in signals}
+    def reload(_signum: int = signal.SIGHUP, _frame: Any = None) -> None:
+        if serving.reload_tls is None or serving.ssl_context is None or stopping:
+            return
+        # Checked here once: unusable files are one line in the log, not one per worker.
+        try:
+            context = serving.reload_tls(True)
+        except RuntimeError:
+            # Its line written while this process was writing one (a reentrant write to
+            # stderr): raised from a signal handler, it would stop the supervisor. The
+            # workers keep the old certificate until the next SIGHUP.
+            return
+        if context is None:
+            return
+        serving.ssl_context = context  # what a worker started from now on begins with
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
+    previous = {signum: signal.signal(signum, stop_all) for signum in signals - {signal.SIGHUP}}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
     failure = None
     try:
         for _ in range(workers):
@@ -211,6 +266,8 @@ def _supervise(
             except ChildProcessError:
                 break
             children.pop(pid, None)
+            if worker_exited is not None:
+                worker_exited(pid)
             if stopping:
                 continue
             now = time.monotonic()
