@@ -103,7 +103,6 @@ def test_rollout_of_300_endpoints_reaches_100_percent(start_server, tmp_path):
     assert cli_json(home, "endpoint", "list") == []
 
 
-@pytest.mark.slow
 def test_closed_window_holds_the_fleet_and_opening_it_moves_everyone(start_server, tmp_path):
     home = tmp_path / "server"
     server = start_server(home, "--poll-interval", "60", "--no-access-log")
