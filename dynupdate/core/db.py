@@ -342,6 +342,20 @@ def open_db(home: Path) -> sqlite_utils.Database:
 
 
 @contextlib.contextmanager
+def reading(db: sqlite_utils.Database) -> Iterator[None]:
+    """One read transaction around several queries, so they see one state of the
+    database; inside the caller's transaction when there is one."""
+    if db.conn.in_transaction:
+        yield
+        return
+    db.conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        db.conn.execute("COMMIT")
+
+
+@contextlib.contextmanager
 def write(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
     """A short write transaction that holds the write lock from its first statement."""
     try:

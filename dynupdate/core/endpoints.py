@@ -13,11 +13,12 @@ from typing import Any
 
 import sqlite_utils
 
+from dynupdate.core.db import reading
 from dynupdate.core.decision import Standing
 from dynupdate.core.devices import type_key
 from dynupdate.core.errors import InvalidInput, NotFound
 from dynupdate.core.fleet import STATUSES, FleetState
-from dynupdate.core.overview import GROUP_TERM, SILENT, overview, reading
+from dynupdate.core.overview import GROUP_TERM, SILENT, overview
 from dynupdate.core.registry import HISTORY_LIMIT
 from dynupdate.core.rollout_records import COLUMNS, Rollout, rollout_from_row
 from dynupdate.core.times import format_utc, utc_now

@@ -18,6 +18,7 @@ from typing import Any
 
 import sqlite_utils
 
+from dynupdate.core.db import reading
 from dynupdate.core.decision import (
     Decision,
     DeviceState,
@@ -228,10 +229,7 @@ def current_generation(db: sqlite_utils.Database) -> int:
 
 def load_fleet_state(db: sqlite_utils.Database) -> FleetState:
     """Read policies, packages and window in one read transaction (or the caller's)."""
-    own = not db.conn.in_transaction
-    if own:
-        db.conn.execute("BEGIN")
-    try:
+    with reading(db):
         generation = current_generation(db)
         policies = load_policies(db)
         by_type: dict[str, list[Package]] = {}
@@ -244,9 +242,6 @@ def load_fleet_state(db: sqlite_utils.Database) -> FleetState:
         ]
         trial = trial_serials(db)
         keys = db.execute("SELECT EXISTS (SELECT 1 FROM activation_keys)").fetchone()[0] == 1
-    finally:
-        if own:
-            db.conn.execute("COMMIT")
     rollouts = {type_key(r.type): r for r in active}
     types = {}
     for key in set(policies) | set(by_type) | set(rollouts):

@@ -5,14 +5,14 @@ The list and the details of single devices are :mod:`dynupdate.core.endpoints`.
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlite_utils
 
+from dynupdate.core.db import reading
 from dynupdate.core.decision import Standing
 from dynupdate.core.devices import type_key
 from dynupdate.core.durations import format_duration
@@ -24,7 +24,7 @@ from dynupdate.core.versions import version_key
 from dynupdate.core.vocabulary import Reason, RolloutState, Status
 from dynupdate.core.waves import ALL, BUCKETS
 
-__all__ = ["GROUP_TERM", "SILENT", "overview", "reading"]
+__all__ = ["GROUP_TERM", "SILENT", "overview"]
 
 # Not heard from since a time: neither a poll nor a report (SPEC section 8).
 SILENT = "coalesce(e.last_poll, '') < ? AND coalesce(e.last_report, '') < ?"
@@ -32,19 +32,6 @@ SILENT = "coalesce(e.last_poll, '') < ? AND coalesce(e.last_report, '') < ?"
 _TOLD_OUTSIDE_WINDOW = f"e.last_reason = '{Reason.OUTSIDE_WINDOW}'"
 # One (type, version, last report) group; IS, because report_* are NULL until a report.
 GROUP_TERM = "(e.type_key = ? AND e.version = ? AND e.report_state IS ? AND e.report_version IS ?)"
-
-
-@contextlib.contextmanager
-def reading(db: sqlite_utils.Database) -> Iterator[None]:
-    """One read transaction around several queries, so they see one state of the fleet."""
-    if db.conn.in_transaction:
-        yield
-        return
-    db.conn.execute("BEGIN")
-    try:
-        yield
-    finally:
-        db.conn.execute("COMMIT")
 
 
 def overview(

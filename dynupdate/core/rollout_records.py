@@ -14,6 +14,7 @@ from typing import Any
 
 import sqlite_utils
 
+from dynupdate.core.db import reading
 from dynupdate.core.decision import Policy, RolloutView
 from dynupdate.core.devices import type_key
 from dynupdate.core.errors import Conflict, NotFound
@@ -403,8 +404,7 @@ def _summaries(
     and the latest of every other type."""
     now = now or utc_now()
     where, params = ("WHERE type_key = ?", (type_key(type_),)) if type_ else ("", ())
-    db.conn.execute("BEGIN")
-    try:
+    with reading(db):
         rows = db.execute(
             f"SELECT {COLUMNS} FROM rollouts {where} ORDER BY id DESC", params
         ).fetchall()
@@ -417,8 +417,6 @@ def _summaries(
                 chosen.append(rollout)
             seen.add(key)
         return [_summary(db, rollout, now) for rollout in chosen]
-    finally:
-        db.conn.execute("COMMIT")
 
 
 # package add --rollout -------------------------------------------------------------------

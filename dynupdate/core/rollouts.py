@@ -30,7 +30,7 @@ import sqlite_utils
 from dynupdate.core import audit
 from dynupdate.core.attempts import halt_if_failing, open_attempt, time_out
 from dynupdate.core.audit import Action
-from dynupdate.core.db import write
+from dynupdate.core.db import reading, write
 from dynupdate.core.decision import Policy
 from dynupdate.core.devices import type_key, validate_type
 from dynupdate.core.durations import format_duration
@@ -251,15 +251,12 @@ def plan_rollout(
 ) -> Plan:
     """What :func:`start_rollout` would do, refusing as it would; changes nothing."""
     options = options or RolloutOptions()
-    db.conn.execute("BEGIN")
-    try:
+    with reading(db):
         package, _policy, stable = _check_start(db, type_, version)
         lead = db.execute(
             f"SELECT e.bucket, {TRIAL_OF} FROM endpoints e WHERE e.type_key = ?",
             (type_key(package.type),),
         ).fetchall()
-    finally:
-        db.conn.execute("COMMIT")
     waves = [
         {
             "wave": wave.label,
