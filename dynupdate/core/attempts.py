@@ -359,6 +359,5 @@ def device_standing(
     attempts, failures, open_at, succeeded_at = row
     if max_attempts is None:
         max_attempts = load_rollout(db, rollout_id).options.max_attempts
-    limit = max_attempts
-    held = failures >= limit and open_at is None and succeeded_at is None
+    held = failures >= max_attempts and open_at is None and succeeded_at is None
     return attempts > 0 or failures > 0, held, open_at is not None
