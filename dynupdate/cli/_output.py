@@ -15,6 +15,7 @@ import json
 import re
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import typer
@@ -23,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dynupdate.core.rehearsal import Rehearsal
+from dynupdate.core.times import parse_utc
 
 __all__ = [
     "DRY_RUN",
@@ -33,6 +35,7 @@ __all__ = [
     "emit_object",
     "emit_rehearsal",
     "literal",
+    "minute_utc",
     "say",
     "stderr",
     "stdout",
@@ -62,6 +65,12 @@ Column = tuple[str, str]  # (key in the data, header shown)
 JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 DRY_RUN = typer.Option(False, "--dry-run", help="Change nothing: show what the change would do.")
 TYPE_FILTER = typer.Option(None, "--type", "-t", help="Only this device type.")
+
+
+def minute_utc(moment: str | datetime) -> str:
+    """A time in sentences to admins: ``2026-12-02 21:00 UTC`` (stored text or a datetime)."""
+    when = parse_utc(moment) if isinstance(moment, str) else moment
+    return when.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def visible(text: str) -> str:

@@ -7,7 +7,15 @@ from datetime import datetime
 import typer
 
 from dynupdate.cli._app import home_of, state_of
-from dynupdate.cli._output import JSON, TYPE_FILTER, emit_list, emit_object, say, stdout
+from dynupdate.cli._output import (
+    JSON,
+    TYPE_FILTER,
+    emit_list,
+    emit_object,
+    minute_utc,
+    say,
+    stdout,
+)
 from dynupdate.cli._types import warn_if_no_devices
 from dynupdate.core.attempts import retry_device
 from dynupdate.core.durations import parse_duration
@@ -131,11 +139,6 @@ def rollout_in_words(data: dict) -> str | None:
     return f"{head}: staged until {own_wave}{tried}"
 
 
-def _utc(text: str | datetime) -> str:
-    moment = parse_utc(text) if isinstance(text, str) else text
-    return moment.strftime("%Y-%m-%d %H:%M UTC")
-
-
 # What each answer means for the admin, after the reason itself.
 _MEANING = {
     Reason.IN_CALL: "the update waits for its first poll out of a call",
@@ -163,9 +166,9 @@ told to poll again at 2026-12-02 21:37 UTC'
     if retry is None:
         again = ""
     elif parse_utc(retry) > now:
-        again = f"; told to poll again at {_utc(retry)}"
+        again = f"; told to poll again at {minute_utc(retry)}"
     else:  # any poll since would have replaced it
-        again = f"; told to poll again at {_utc(retry)}, not heard from since"
+        again = f"; told to poll again at {minute_utc(retry)}, not heard from since"
     if reason == UPDATE_OFFERED:
         meaning = f"offered {data['offered_version']} at its last poll"
     elif reason == Reason.UP_TO_DATE:
@@ -176,11 +179,11 @@ told to poll again at 2026-12-02 21:37 UTC'
         if window is None:
             meaning = "it was outside the maintenance window, since cleared"
         elif opening := current_opening(window, now, data["tz"]):
-            until = _utc(opening[1])
+            until = minute_utc(opening[1])
             meaning = f"waiting for its time in the maintenance window, open until {until}"
         else:
             start, _ = next_opening(window, now, data["tz"])
-            meaning = f"waiting for the maintenance window: next opening {_utc(start)}"
+            meaning = f"waiting for the maintenance window: next opening {minute_utc(start)}"
     elif reason == Reason.HELD:
         meaning = f"its attempts are used up: dynupdate endpoint retry {data['serial']}"
     else:

@@ -13,13 +13,13 @@ from rich.table import Table
 from rich.text import Text
 
 from dynupdate.cli._app import home_of
-from dynupdate.cli._output import JSON, TYPE_FILTER, emit_list, literal, stdout
+from dynupdate.cli._output import JSON, TYPE_FILTER, emit_list, literal, minute_utc, stdout
 from dynupdate.cli._types import warn_if_no_devices
 from dynupdate.core.durations import format_duration, parse_duration
 from dynupdate.core.fleet import STATUSES, load_fleet_state
 from dynupdate.core.maintenance import window_view
 from dynupdate.core.overview import overview as fleet_overview
-from dynupdate.core.times import format_utc, parse_utc, utc_now
+from dynupdate.core.times import format_utc, utc_now
 from dynupdate.core.vocabulary import RolloutState, Status
 from dynupdate.core.windows import ENDPOINT
 
@@ -73,12 +73,8 @@ def window_line(window: dict) -> str:
     clock = " (on each endpoint's clock; times for one on UTC)" if window["tz"] == ENDPOINT else ""
     head += f" ({window['tz']}){clock}"
     if window["open_now"]:
-        return f"{head}: open until {_utc(window['current_opening']['end'])}."
-    return f"{head}: closed; next opening {_utc(window['next_opening']['start'])}."
-
-
-def _utc(text: str) -> str:
-    return parse_utc(text).strftime("%Y-%m-%d %H:%M UTC")
+        return f"{head}: open until {minute_utc(window['current_opening']['end'])}."
+    return f"{head}: closed; next opening {minute_utc(window['next_opening']['start'])}."
 
 
 def left_out_line(rows: list[dict]) -> str | None:
