@@ -29,6 +29,7 @@ from dynupdate.core.times import parse_utc
 __all__ = [
     "DRY_RUN",
     "JSON",
+    "STALE_FILTER",
     "TYPE_FILTER",
     "Column",
     "emit_list",
@@ -65,6 +66,12 @@ Column = tuple[str, str]  # (key in the data, header shown)
 JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 DRY_RUN = typer.Option(False, "--dry-run", help="Change nothing: show what the change would do.")
 TYPE_FILTER = typer.Option(None, "--type", "-t", help="Only this device type.")
+# The fleet views' filter (endpoint list, overview): one option, so both say "stale" alike.
+STALE_FILTER = typer.Option(
+    None,
+    "--stale",
+    help="Only devices not heard from (no poll, no report) for this long, e.g. 2h, 7d.",
+)
 
 
 def minute_utc(moment: str | datetime) -> str:

@@ -9,6 +9,7 @@ import typer
 from dynupdate.cli._app import home_of, state_of
 from dynupdate.cli._output import (
     JSON,
+    STALE_FILTER,
     TYPE_FILTER,
     emit_list,
     emit_object,
@@ -52,11 +53,7 @@ def list_(
         help=f"One of {', '.join(STATUSES)}.",
     ),
     version: str | None = typer.Option(None, "--version", help="Only devices on this version."),
-    stale: str | None = typer.Option(
-        None,
-        "--stale",
-        help="Only devices not heard from (no poll, no report) for this long, e.g. 2h, 7d.",
-    ),
+    stale: str | None = STALE_FILTER,
     as_json: bool = JSON,
 ) -> None:
     """Endpoints with their update status. Example: dynupdate endpoint list --status failed"""

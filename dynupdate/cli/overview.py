@@ -13,7 +13,15 @@ from rich.table import Table
 from rich.text import Text
 
 from dynupdate.cli._app import home_of
-from dynupdate.cli._output import JSON, TYPE_FILTER, emit_list, literal, minute_utc, stdout
+from dynupdate.cli._output import (
+    JSON,
+    STALE_FILTER,
+    TYPE_FILTER,
+    emit_list,
+    literal,
+    minute_utc,
+    stdout,
+)
 from dynupdate.cli._types import warn_if_no_devices
 from dynupdate.core.durations import format_duration, parse_duration
 from dynupdate.core.fleet import STATUSES, load_fleet_state
@@ -145,11 +153,7 @@ def _silent_after(text: str) -> timedelta | None:
 def overview(
     ctx: typer.Context,
     type_: str | None = TYPE_FILTER,
-    stale: str | None = typer.Option(
-        None,
-        "--stale",
-        help="Only devices not heard from (no poll, no report) for this long, e.g. 7d.",
-    ),
+    stale: str | None = STALE_FILTER,
     silent_after: str = typer.Option(
         SILENT_AFTER,
         "--silent-after",
