@@ -31,6 +31,8 @@ __all__ = [
     "JSON",
     "STALE_FILTER",
     "TYPE_FILTER",
+    "WATCH",
+    "WATCH_INTERVAL",
     "Column",
     "emit_list",
     "emit_object",
@@ -72,6 +74,9 @@ STALE_FILTER = typer.Option(
     "--stale",
     help="Only devices not heard from (no poll, no report) for this long, e.g. 2h, 7d.",
 )
+# The live views (overview, rollout status) follow a rollout the same way.
+WATCH = typer.Option(False, "--watch", "-w", help="Follow the rollout live.")
+WATCH_INTERVAL = typer.Option("2s", "--interval", help="Refresh period with --watch.")
 
 
 def minute_utc(moment: str | datetime) -> str:

@@ -17,6 +17,8 @@ from dynupdate.cli._output import (
     JSON,
     STALE_FILTER,
     TYPE_FILTER,
+    WATCH,
+    WATCH_INTERVAL,
     emit_list,
     literal,
     minute_utc,
@@ -159,8 +161,8 @@ def overview(
         "--silent-after",
         help="Leave devices not heard from for this long out of On target (0: count all).",
     ),
-    watch: bool = typer.Option(False, "--watch", "-w", help="Follow the rollout live."),
-    interval: str = typer.Option("2s", "--interval", help="Refresh period with --watch."),
+    watch: bool = WATCH,
+    interval: str = WATCH_INTERVAL,
     as_json: bool = JSON,
 ) -> None:
     """Per device type: the policy, endpoint counts by status and the version spread."""

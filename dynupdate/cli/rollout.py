@@ -16,6 +16,8 @@ from dynupdate.cli._app import home_of, state_of
 from dynupdate.cli._output import (
     JSON,
     TYPE_FILTER,
+    WATCH,
+    WATCH_INTERVAL,
     emit_list,
     emit_object,
     literal,
@@ -218,8 +220,8 @@ def _json(row: dict[str, Any]) -> dict[str, Any]:
 def status(
     ctx: typer.Context,
     type_: str | None = typer.Argument(None, metavar="[TYPE]"),
-    watch: bool = typer.Option(False, "--watch", "-w", help="Follow the rollout live."),
-    interval: str = typer.Option("2s", "--interval", help="Refresh period with --watch."),
+    watch: bool = WATCH,
+    interval: str = WATCH_INTERVAL,
     as_json: bool = JSON,
 ) -> None:
     """Active rollouts and the latest of each type, with the gate in words."""
