@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dynupdate.cli._app import home_of, state_of
-from dynupdate.cli._output import emit_list, say
+from dynupdate.cli._output import JSON, emit_list, say
 from dynupdate.core.trial import add_trial, list_trial, remove_trial
 
 app = typer.Typer(help="Trial devices: in every wave of every rollout, and alone in 'trial'.")
@@ -32,9 +32,7 @@ def remove(ctx: typer.Context, serials: list[str] = SERIALS) -> None:
 
 
 @app.command("list")
-def list_(
-    ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")
-) -> None:
+def list_(ctx: typer.Context, as_json: bool = JSON) -> None:
     """The trial devices: serial, type (once it has polled), added."""
     emit_list(
         list_trial(home_of(ctx).db),
