@@ -365,3 +365,70 @@ def test_gates_that_cannot_be_evaluated_log_one_line_until_they_can(gs, home_dir
     failing = [m for m in caplog.messages if "Could not evaluate" in m]
     assert len(failing) == 1 and "rollout_devices" in failing[0], caplog.messages
     assert "Traceback" not in caplog.text
+
+
+def test_the_poll_paths_shortcuts_decide_as_section_6(gs, home_dir):
+    """The server skips the bucket and the attempts read where they cannot change the
+    answer (a rollout that does not run, a trial-only or 100 % wave, a trial device, a
+    device on V or in a call): every answer equals section 6's decision given the
+    device's whole standing, in every state and wave of a rollout."""
+    from dynupdate.core.attempts import device_standing, reserve_attempt
+    from dynupdate.core.decision import DeviceState, Standing, decide_rollout
+    from dynupdate.core.gates import RolloutOptions
+    from dynupdate.core.home import open_home
+    from dynupdate.core.rollouts import (
+        advance_rollout,
+        pause_rollout,
+        resume_rollout,
+        start_rollout,
+    )
+    from dynupdate.core.trial import add_trial
+    from dynupdate.core.waves import parse_waves
+    from dynupdate.serve import PollApp
+
+    home = open_home(home_dir)
+    app = PollApp(home)
+    app.start()
+    try:
+        db = home.db
+        trial_endpoint, trial_camera = "T-EP", "T-CAM"
+        add_trial(db, [trial_endpoint, trial_camera])
+        options = RolloutOptions(waves=parse_waves("trial,1%,50%,100%"), manual=True)
+        start_rollout(db, GS, "6.2.2", options)
+        leads = [
+            *serials_in(0, 100, 2, "A"),  # the 1 % wave
+            *serials_in(100, 5000, 2, "B"),  # the 50 % wave
+            *serials_in(5000, 10_000, 2, "C"),  # only at 100 %
+            trial_endpoint,
+        ]
+        devices = [(lead, lead) for lead in leads]
+        devices += [(trial_camera, leads[4]), (f"{leads[0]}-cam", leads[0])]
+        now = datetime.now().astimezone()
+        reserve_attempt(db, app.fleet().of(GS).rollout.id, leads[0], None, now=now)
+
+        def check(phase: str) -> None:
+            fleet = app.fleet()
+            active = fleet.of(GS).rollout
+            for serial, lead in devices:
+                in_trial = serial in fleet.trial or lead in fleet.trial
+                _, held, attempt_open = device_standing(db, active.id, serial, 3)
+                whole = Standing(bucket(lead), in_trial, held, attempt_open)
+                for version in ("6.2.0", "6.2.1", "6.2.2", "6.3"):
+                    for in_call in (False, True):
+                        state = DeviceState(serial, GS, version, in_call, None)
+                        expected = decide_rollout(active.view, whole, fleet.window, state, now)
+                        got = app._decide_in_rollout(fleet, active, state, lead, now)
+                        assert got == expected, (phase, serial, version, in_call)
+
+        check("trial wave")
+        for phase in ("1% wave", "50% wave", "100% wave"):
+            advance_rollout(db, GS)
+            check(phase)
+            pause_rollout(db, GS)
+            check(f"{phase}, paused")
+            resume_rollout(db, GS)
+        with sqlite3.connect(home_dir / "dynupdate.db") as conn:
+            conn.execute("UPDATE rollouts SET state = 'halted', halt_reason = 'test'")
+        check("halted")
+    finally:
+        app.close()
