@@ -46,6 +46,7 @@ __all__ = [
     "reserve_attempt",
     "retry_device",
     "time_out",
+    "tracked_serials",
 ]
 
 
@@ -246,14 +247,7 @@ def note_devices(
     # Most polls are of devices never offered V: one lookup for all of them, then
     # a row read only for those the rollout tracks, and the whole rollout (its
     # options, for the halt rules) only once an attempt fails.
-    tracked = {
-        row[0]
-        for row in db.execute(
-            "SELECT serial FROM rollout_devices WHERE rollout_id = ?"
-            " AND serial IN (SELECT value FROM json_each(?))",
-            (rollout_id, json.dumps([item.serial for item in seen])),
-        )
-    }
+    tracked = tracked_serials(db, rollout_id, [item.serial for item in seen])
     if not tracked:
         return None
     (version,) = db.execute("SELECT version FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
@@ -295,6 +289,18 @@ def note_devices(
                     (stamp, at, rollout_id, item.serial),
                 )
     return None if rollout is None else halt_if_failing(db, rollout, now)
+
+
+def tracked_serials(db: sqlite_utils.Database, rollout_id: int, serials: Sequence[str]) -> set[str]:
+    """Those of ``serials`` the rollout tracks (offered V at least once), in one lookup."""
+    return {
+        row[0]
+        for row in db.execute(
+            "SELECT serial FROM rollout_devices WHERE rollout_id = ?"
+            " AND serial IN (SELECT value FROM json_each(?))",
+            (rollout_id, json.dumps(serials)),
+        )
+    }
 
 
 def _succeed(

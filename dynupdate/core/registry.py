@@ -16,7 +16,7 @@ from typing import NamedTuple
 import sqlite_utils
 
 from dynupdate.core import audit
-from dynupdate.core.attempts import Seen, note_devices
+from dynupdate.core.attempts import Seen, note_devices, tracked_serials
 from dynupdate.core.db import write
 from dynupdate.core.devices import type_key
 from dynupdate.core.durations import format_duration
@@ -193,11 +193,34 @@ def record_polls(
                 _record_poll(db, s, at, touched)
         _prune(db, touched)
         if noted:
-            _note_rollouts(
-                db,
-                [(r, Seen(s.serial, s.version, at=when), when) for r, s, when in noted],
-                events,
-            )
+            _note_polls(db, noted, events)
+
+
+def _note_polls(
+    db: sqlite_utils.Database,
+    noted: Sequence[tuple[int, Sighting, datetime]],
+    events: list[str] | None,
+) -> None:
+    """Polls of types with an active rollout, noted for the devices their rollout tracks.
+
+    Most polls are of devices never offered V: one lookup per rollout for all
+    of them, and a record only for the few it tracks.
+    """
+    serials: dict[int, list[str]] = {}
+    for rollout_id, s, _ in noted:
+        serials.setdefault(rollout_id, []).append(s.serial)
+    tracked = {
+        (rollout_id, serial)
+        for rollout_id, some in serials.items()
+        for serial in tracked_serials(db, rollout_id, some)
+    }
+    if tracked:
+        seen = [
+            (r, Seen(s.serial, s.version, at=when), when)
+            for r, s, when in noted
+            if (r, s.serial) in tracked
+        ]
+        _note_rollouts(db, seen, events)
 
 
 def _note_rollouts(
